@@ -1,0 +1,66 @@
+# Every target creates and uses its own virtual environment in .venv.
+# The main job:  make report   (installs, fetches MNIST, trains the default ablation, reports)
+# The tests:     make test
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MATRIX ?= ablations/default.yaml
+STORE ?= stores/default.sqlite
+REPORT_DIR ?= reports/default
+PYTEST_ARGS ?=
+
+.PHONY: setup data ablate report check baseline test bench bench-gpu chromium clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+data: setup
+	$(BIN)/mnistbench data fetch
+
+ablate: data
+	$(BIN)/mnistbench ablate $(MATRIX) --store $(STORE)
+
+report: ablate
+	$(BIN)/mnistbench report $(STORE) --out $(REPORT_DIR)
+
+# The CI gate: train the smoke ablation and hold it to the thresholds and the committed baseline.
+check: data
+	$(BIN)/mnistbench ablate ablations/smoke.yaml --store stores/smoke.sqlite $(CHECK_ABLATE_ARGS)
+	$(BIN)/mnistbench check stores/smoke.sqlite --thresholds ablations/thresholds.yaml \
+		--baseline ablations/baseline-smoke.json --summary stores/check-summary.md \
+		--junit stores/check-junit.xml
+
+# Rewrite the committed baseline from a fresh smoke run (after an intended change).
+baseline: data
+	rm -f stores/smoke-baseline.sqlite
+	$(BIN)/mnistbench ablate ablations/smoke.yaml --store stores/smoke-baseline.sqlite
+	$(BIN)/mnistbench baseline save stores/smoke-baseline.sqlite --out ablations/baseline-smoke.json
+
+test: data chromium
+	$(BIN)/pytest tests --ignore=tests/benchmarks $(PYTEST_ARGS)
+
+bench: data
+	$(BIN)/pytest tests/benchmarks --benchmark-json=bench/cpu.json $(PYTEST_ARGS)
+
+bench-gpu: data
+	MNISTBENCH_BENCH_DEVICE=cuda $(BIN)/pytest tests/benchmarks --benchmark-json=bench/gpu.json $(PYTEST_ARGS)
+
+# Headless Chromium for the report's browser test, from Debian's packages.
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		else \
+			echo "chromium is missing: run 'sudo apt-get install chromium chromium-driver'"; exit 1; \
+		fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) stores bench reports/default .pytest_cache

@@ -1,0 +1,7 @@
+"""Allow ``python -m mnistbench``."""
+
+import sys
+
+from mnistbench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""Reference points for the engine's speed: FLOP counts, matmul rate, a plain PyTorch loop.
+
+    rate = matmul_rate()                               # FLOP/s of float32 matmul, this thread count
+    floor = model_epoch_flops(settings) / rate         # seconds per model-epoch at the matmul rate
+    seconds = plain_loop_seconds(settings, data)       # one run with nn.Module + torch.optim
+
+``make bench`` (tests/benchmarks) measures these side by side with the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnistbench.engine import DeviceData
+from mnistbench.matrix import Settings
+from mnistbench.model import CONV_TAPS, IMAGE_PIXELS, NUM_CLASSES
+
+MATMUL_SIZE = 1024  # square float32 matmul used to measure the machine's rate
+
+
+def example_flops(settings: Settings, *, train: bool) -> int:
+    """Floating-point operations for one example, a multiply-add counted as 2.
+
+    Training counts the forward pass and the backward pass: weight gradients of both
+    Linear layers, the input gradient of the second, and of the first only when the
+    convolution front needs it. Element-wise work (activations, loss, optimizer) is
+    left out, so the count is a floor.
+    """
+    n, width = settings.input_features(), settings.width
+    conv = 2 * CONV_TAPS * (IMAGE_PIXELS - CONV_TAPS + 1) if settings.conv else 0
+    first = 2 * n * width
+    second = 2 * width * NUM_CLASSES
+    forward = conv + first + second
+    if not train:
+        return forward
+    backward = first + 2 * second + (first + conv if settings.conv else 0)
+    return forward + backward
+
+
+def model_epoch_flops(settings: Settings, train_size: int = 60_000, test_size: int = 10_000,
+                      evaluations: int = 1) -> int:
+    """FLOPs of one model-epoch: training on ``train_size`` examples plus test evaluations."""
+    return (train_size * example_flops(settings, train=True)
+            + evaluations * test_size * example_flops(settings, train=False))
+
+
+def matmul_rate(size: int = MATMUL_SIZE, seconds: float = 1.0) -> float:
+    """Measure float32 matmul throughput in FLOP/s with torch's current thread count."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    a @ b  # warm-up: thread pool and caches
+    repeats, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        repeats += 1
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+class PlainModel(nn.Module):
+    """One run of the model family written the ordinary way, with nn.Conv1d and nn.Linear."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.conv = nn.Conv1d(1, 1, CONV_TAPS) if settings.conv else None
+        self.first = nn.Linear(settings.input_features(), settings.width)
+        self.second = nn.Linear(settings.width, NUM_CLASSES)
+        self.activation = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+                           "gelu": F.gelu}[settings.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:
+            x = self.activation(self.conv(x[:, None, :])).squeeze(1)
+        if self.settings.pool:
+            x = F.max_pool1d(x[:, None, :], 2).squeeze(1)
+        hidden = self.activation(self.first(x))
+        hidden = F.dropout(hidden, self.settings.dropout, self.training)
+        return self.second(hidden)
+
+
+def plain_loop_seconds(settings: Settings, data: DeviceData, seed: int = 0) -> float:
+    """Train one run with a plain PyTorch loop; return wall seconds for all its epochs.
+
+    The images are preloaded as float32 and batches are indexed from them, as a
+    careful hand-written loop would do. Like the engine, it evaluates on the test set
+    before training and after each epoch.
+    """
+    torch.manual_seed(seed)
+    model = PlainModel(settings)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    subset = data.subset_indexes(settings.train_subset)
+    images = data.train_images if subset is None else data.train_images[subset]
+    labels = data.train_labels if subset is None else data.train_labels[subset]
+    images = images.float() / 255.0
+    test_images = data.test_images.float() / 255.0
+    started = time.perf_counter()
+    _evaluate(model, test_images, data.test_labels)
+    for _ in range(settings.epochs):
+        model.train()
+        order = torch.randperm(labels.shape[0])
+        for start in range(0, labels.shape[0], settings.batch_size):
+            index = order[start:start + settings.batch_size]
+            loss = F.cross_entropy(model(images[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        _evaluate(model, test_images, data.test_labels)
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def _evaluate(model: PlainModel, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    return (model(images).argmax(dim=1) == labels).float().mean().item()
+
+
+BENCH_CELLS = {
+    "mlp": Settings(activation="sigmoid", width=100, batch_size=128, lr=0.5, epochs=1),
+    "conv": Settings(activation="sigmoid", width=100, batch_size=128, lr=0.5, epochs=1,
+                     conv=True),
+    "conv_pool": Settings(activation="sigmoid", width=100, batch_size=128, lr=0.5, epochs=1,
+                          conv=True, pool=True),
+}
+
+
+def bench_variants(settings: Settings) -> list[Settings]:
+    """Six runs per seed that differ the way an ablation's stack does: init x dropout."""
+    return [replace(settings, init=init, dropout=dropout)
+            for init in ("default", "kaiming", "large_normal") for dropout in (0.0, 0.5)]

@@ -1,0 +1,164 @@
+"""``mnistbench ablate MATRIX``: train every run of a matrix into a store.
+
+    mnistbench ablate ablations/default.yaml
+    mnistbench ablate ablations/smoke.yaml --store stores/smoke.sqlite --set lr=0.001
+    mnistbench ablate ablations/default.yaml --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mnistbench.errors import MnistbenchError
+from mnistbench.matrix import Matrix, apply_overrides, load_matrix
+from mnistbench.outcome import RunResult
+from mnistbench.scheduler import (
+    DEFAULT_MAX_STACK_CPU,
+    DEFAULT_MAX_STACK_CUDA,
+    Plan,
+    default_workers,
+    prepare,
+    resolve_device,
+    run_ablation,
+)
+from mnistbench.store import Store
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ablate", help="train every run of a matrix file into a store",
+        description="Train every run of a matrix that the store does not hold yet. "
+                    "Interrupting is safe: finished stacks are kept, and running the same "
+                    "command again resumes.")
+    parser.add_argument("matrix", type=Path, help="matrix file (YAML)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="SQLite store to write (default: stores/<matrix name>.sqlite)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="CPU worker processes, one torch thread each (default: one per core)")
+    parser.add_argument("--max-stack", type=int, default=None,
+                        help="most runs trained together as one stacked model "
+                             "(default: 64 on CPU, 1024 on CUDA)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a train setting for every cell, e.g. --set lr=0.001 "
+                             "(repeatable)")
+    parser.add_argument("--data-dir", default=None,
+                        help="dataset cache directory (default: $MNISTBENCH_DATA_DIR or "
+                             "~/.cache/mnistbench)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="show the cells, stacks and runs left to train, and train nothing")
+    parser.set_defaults(func=run)
+
+
+def default_store(matrix: Matrix) -> Path:
+    return Path("stores") / f"{matrix.name}.sqlite"
+
+
+def run(args: argparse.Namespace) -> int:
+    for option, value in (("--workers", args.workers), ("--max-stack", args.max_stack)):
+        if value is not None and value < 1:
+            raise MnistbenchError(f"{option} must be at least 1; got {value}")
+    matrix = load_matrix(args.matrix)
+    if args.overrides:
+        matrix = apply_overrides(matrix, args.overrides)
+    store_path = args.store or default_store(matrix)
+    if args.dry_run:
+        return _dry_run(matrix, store_path, args)
+
+    # A SIGTERM (from a scheduler or `kill`) unwinds like Ctrl-C, so claims are released.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    store = Store(store_path)
+    bar = tqdm(total=0, unit="run", desc=matrix.name, dynamic_ncols=True, file=sys.stderr,
+               disable=None)
+    started = time.perf_counter()
+    model_epochs = 0
+
+    def on_plan(plan: Plan) -> None:
+        finished = len(plan.keyed) - len(plan.pending)
+        print(f"ablation {matrix.name}: {len(plan.keyed)} runs, {finished} already in "
+              f"{store_path}, {len(plan.pending)} to train in {len(plan.stacks)} stacks "
+              f"on {plan.device} ({plan.workers} worker{'s' if plan.workers != 1 else ''})")
+        bar.reset(total=len(plan.pending))
+
+    def on_stack(results: list[RunResult]) -> None:
+        nonlocal model_epochs
+        model_epochs += sum(len(r.epochs) - 1 for r in results if r.epochs)
+        bar.update(len(results))
+        rate = model_epochs / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix_str(f"{rate:.2f} model-epochs/s")
+
+    try:
+        summary = run_ablation(matrix, store, device=args.device, workers=args.workers,
+                               max_stack=args.max_stack, data_dir=args.data_dir,
+                               on_stack=on_stack, on_plan=on_plan)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    print(f"trained {summary.trained} runs in {elapsed:.1f} s "
+          f"({summary.crashed} crashed, {summary.claimed_elsewhere} left to another process)")
+    print_cell_table(store, matrix.name)
+    print(f"store: {store_path}")
+    store.close()
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    workers = args.workers or default_workers(device)
+    store = Store(store_path, create=False) if store_path.exists() else None
+    max_stack = args.max_stack
+    if max_stack is None:
+        max_stack = DEFAULT_MAX_STACK_CUDA if device.type == "cuda" else DEFAULT_MAX_STACK_CPU
+    plan, _ = prepare(matrix, store, device=device, workers=workers, max_stack=max_stack,
+                      data_dir=args.data_dir)
+    cells = matrix.cells()
+    print(f"ablation {matrix.name}: {len(cells)} cells x {len(matrix.seeds)} seeds = "
+          f"{len(plan.keyed)} runs; {len(plan.keyed) - len(plan.pending)} already in "
+          f"{store_path}")
+    epochs = sum(m.settings.epochs for m in plan.pending)
+    print(f"to train: {len(plan.pending)} runs, {epochs} model-epochs, in "
+          f"{len(plan.stacks)} stacks on {plan.device} with {workers} workers")
+    for index, stack in enumerate(plan.stacks):
+        settings = stack[0].settings
+        seeds = sorted({m.seed for m in stack})
+        print(f"  stack {index:3d}: {len(stack):4d} runs, seeds {seeds[0]}-{seeds[-1]}, "
+              f"activation={settings.activation} conv={settings.conv} pool={settings.pool} "
+              f"width={settings.width} epochs={settings.epochs}")
+    if store is not None:
+        store.close()
+    return 0
+
+
+def print_cell_table(store: Store, ablation: str) -> None:
+    """Print one line per cell: runs, convergence and collapse rates, median accuracy."""
+    runs = store.runs_frame(ablation)
+    cells = store.cells_frame(ablation)
+    width = max([len(c) for c in cells["cell_id"]] + [4])
+    print(f"{'cell':<{width}}  runs  converged  collapsed  diverged  median acc  collapse class")
+    for cell_id in cells["cell_id"]:
+        rows = runs[runs["cell_id"] == cell_id]
+        n = len(rows)
+        if n == 0:
+            print(f"{cell_id:<{width}}  {0:4d}  {'-':>9}  {'-':>9}  {'-':>8}  {'-':>10}")
+            continue
+        converged = (rows["outcome"] == "converged").mean()
+        collapsed = (rows["outcome"] == "collapsed").mean()
+        diverged = (rows["outcome"] == "diverged").mean()
+        accuracy = rows["final_accuracy"].median()
+        classes = rows["collapse_class"].dropna().astype(int).value_counts()
+        top = f"{classes.index[0]} ({classes.iloc[0]} runs)" if len(classes) else "-"
+        accuracy_text = f"{accuracy:10.4f}" if accuracy == accuracy else f"{'-':>10}"
+        print(f"{cell_id:<{width}}  {n:4d}  {converged:9.0%}  {collapsed:9.0%}  "
+              f"{diverged:8.0%}  {accuracy_text}  {top}")

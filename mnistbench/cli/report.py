@@ -1,0 +1,43 @@
+"""``mnistbench report``: render an ablation's HTML and Markdown report from its store.
+
+    mnistbench report stores/default.sqlite --out reports/default
+    mnistbench report stores/all.sqlite --out reports/wide --ablation wide
+
+Prints the path of every file written. A missing store, or an ablation that is not in
+it, raises StoreError, which the top-level command turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mnistbench.report import write_report
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``report`` subcommand."""
+    parser = subparsers.add_parser(
+        "report", help="render an ablation's report (HTML and Markdown) from a store",
+        description="Analyse one ablation of a store and write DIR/report.html (one "
+                    "self-contained file), DIR/report.md and its PNG figures in DIR/figures.")
+    parser.add_argument("store", type=Path, metavar="STORE", help="store file written by ablate")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="output directory, created when missing; existing report files "
+                             "in it are replaced")
+    parser.add_argument("--ablation", metavar="NAME",
+                        help="ablation to report on (default: the store's only ablation)")
+    parser.set_defaults(func=run_report_command)
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    """Write the report and print the paths written; return exit status 0.
+
+    Store raises StoreError for a missing store file, so no output directory is created.
+    """
+    paths = write_report(args.store, args.out, args.ablation)
+    print(paths.html)
+    print(paths.markdown)
+    for path in paths.figures:
+        print(path)
+    return 0

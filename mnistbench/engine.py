@@ -1,0 +1,380 @@
+"""The engine: trains a stack of runs that share a model structure as one batched model.
+
+    data = DeviceData.from_dataset(load_dataset("mnist"), device="cpu")
+    results = train_stack([Member(key, seed, settings), ...], data, Criteria(), provenance)
+
+Data stays on the training device as uint8 and batches are built by indexing; there
+is no DataLoader and no per-sample Python. Runs are grouped into one
+:class:`~mnistbench.model.SeedBlock` per seed index, because runs of one seed see the
+same batches. Each run's loss is its own batch mean and the stack minimizes their
+sum, so every run receives exactly its own gradient. The optimizers are written out
+per member so that learning rate, momentum and weight decay may differ per run.
+
+A run that turns non-finite is frozen (weights zeroed, learning rate 0) so that it
+cannot disturb anything, and it is reported as diverged; its batch-mates go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mnistbench.data import Dataset
+from mnistbench.matrix import Criteria, Settings
+from mnistbench.model import IMAGE_PIXELS, NUM_CLASSES, SeedBlock, member_losses, structure_of
+from mnistbench.outcome import EpochRecord, RunResult, outcome_of_counts
+from mnistbench.seeds import generator
+
+logger = logging.getLogger(__name__)
+
+# Train subsets are drawn once from this fixed stream, so every run with the same
+# subset size trains on the same examples.
+SUBSET_SEED = 1234
+# Evaluation processes the test set in chunks of at most this many hidden activations
+# (members x examples x width), about 64 MB of float32, to bound memory for big stacks.
+EVAL_ELEMENTS = 16_000_000
+ADAM_BETAS = (0.9, 0.999)  # PyTorch's defaults
+ADAM_EPS = 1e-8  # PyTorch's default
+SATURATION_MARGIN = 0.01  # sigmoid/tanh outputs this close to a bound count as saturated
+# The gradient norm is measured on every this many steps (the first step of an epoch
+# included); measuring every step costs about 7% of training time for an MLP.
+GRAD_NORM_EVERY = 10
+
+
+@dataclass(frozen=True)
+class Member:
+    """One run to train: its key, seed index and settings."""
+
+    run_key: str
+    seed: int
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """The dataset on the training device: uint8 images ``(N, 784)``, int64 labels."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    md5: str
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, device: torch.device | str) -> DeviceData:
+        def flat(images: torch.Tensor) -> torch.Tensor:
+            return images.reshape(images.shape[0], -1).contiguous().to(device)
+
+        if dataset.train_images[0].numel() != IMAGE_PIXELS:
+            raise ValueError(
+                f"dataset {dataset.name} has images of shape "
+                f"{tuple(dataset.train_images.shape[1:])}; the model family expects 28x28"
+            )
+        return cls(flat(dataset.train_images), dataset.train_labels.to(device),
+                   flat(dataset.test_images), dataset.test_labels.to(device), dataset.md5)
+
+    def subset_indexes(self, size: int | None) -> torch.Tensor | None:
+        """Return the fixed training subset of ``size`` examples, or None for all."""
+        total = self.train_labels.shape[0]
+        if size is None or size >= total:
+            return None
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))
+        return order[:size].sort().values.to(self.train_labels.device)
+
+
+class _Optimizer:
+    """SGD (with momentum) or Adam over a block's parameters, hyperparameters per member."""
+
+    def __init__(self, block: SeedBlock, kind: str) -> None:
+        self.block = block
+        self.kind = kind
+        device = block.device
+        self.lr = torch.tensor([s.lr for s in block.settings], device=device)
+        momentum = torch.tensor([s.momentum for s in block.settings], device=device)
+        decay = torch.tensor([s.weight_decay for s in block.settings], device=device)
+        self.use_decay = bool((decay > 0).any())
+        self.use_momentum = kind == "sgd" and bool((momentum > 0).any())
+        self.step_count = 0
+        self.state = {}
+        for name, param in block.params.items():
+            entry = {"decay": block.broadcast(name, decay)}
+            if self.use_momentum:
+                entry["momentum"] = block.broadcast(name, momentum)
+                entry["buffer"] = torch.zeros_like(param)
+            if kind == "adam":
+                entry["m"] = torch.zeros_like(param)
+                entry["v"] = torch.zeros_like(param)
+            self.state[name] = entry
+        self.refresh_lr()
+
+    def refresh_lr(self) -> None:
+        for name, entry in self.state.items():
+            entry["lr"] = self.block.broadcast(name, self.lr)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.step_count += 1
+        for name, param in self.block.params.items():
+            entry = self.state[name]
+            grad = param.grad
+            if self.use_decay:
+                grad = grad + entry["decay"] * param
+            if self.kind == "sgd":
+                if self.use_momentum:
+                    grad = entry["buffer"].mul_(entry["momentum"]).add_(grad)
+                param.addcmul_(entry["lr"], grad, value=-1.0)
+                continue
+            beta1, beta2 = ADAM_BETAS
+            entry["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
+            entry["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            m_hat = entry["m"] / (1 - beta1**self.step_count)
+            v_hat = entry["v"] / (1 - beta2**self.step_count)
+            param.addcdiv_(entry["lr"] * m_hat, v_hat.sqrt_().add_(ADAM_EPS), value=-1.0)
+
+    @torch.no_grad()
+    def freeze(self, members: torch.Tensor) -> None:
+        """Zero the weights and state of the given members and stop their updates."""
+        self.lr[members] = 0.0
+        self.refresh_lr()
+        for name, param in self.block.params.items():
+            self.block.member_view(name)[members] = 0.0
+            if param.grad is not None:
+                self.block.member_view(name, param.grad)[members] = 0.0
+            for key in ("buffer", "m", "v"):
+                if key in self.state[name]:
+                    self.block.member_view(name, self.state[name][key])[members] = 0.0
+
+
+def _grad_norms(block: SeedBlock) -> torch.Tensor:
+    """Global gradient norm of each member: ``(V,)``."""
+    total = torch.zeros(block.members, device=block.device)
+    for name, param in block.params.items():
+        view = block.member_view(name, param.grad)
+        total += view.pow(2).reshape(block.members, -1).sum(dim=1)
+    return total.sqrt()
+
+
+def _weights_finite(block: SeedBlock) -> torch.Tensor:
+    """Whether every weight of each member is finite: ``(V,)`` bool."""
+    finite = torch.ones(block.members, dtype=torch.bool, device=block.device)
+    for name, param in block.params.items():
+        view = block.member_view(name, param.detach())
+        finite &= torch.isfinite(view).reshape(block.members, -1).all(dim=1)
+    return finite
+
+
+@torch.no_grad()
+def evaluate(block: SeedBlock, images: torch.Tensor, labels: torch.Tensor, activation: str,
+             *, confusion: bool = False) -> dict[str, torch.Tensor]:
+    """Evaluate every member of a block on a labelled set.
+
+    Returns:
+        ``accuracy`` (V,), ``counts`` (V, 10) predictions per class, ``unit_fraction``
+        (V,) dead units (relu, gelu) or saturated activations (sigmoid, tanh), and with
+        ``confusion=True`` also ``confusion`` (V, 10, 10), rows true class.
+    """
+    members, width = block.members, block.width
+    chunk = max(1, EVAL_ELEMENTS // (members * width))
+    correct = torch.zeros(members, dtype=torch.long, device=block.device)
+    counts = torch.zeros(members * NUM_CLASSES, dtype=torch.long, device=block.device)
+    matrix = torch.zeros(members * NUM_CLASSES**2, dtype=torch.long, device=block.device)
+    alive = torch.zeros(members, width, dtype=torch.bool, device=block.device)
+    saturated = torch.zeros(members, dtype=torch.float64, device=block.device)
+    offsets = torch.arange(members, device=block.device)[:, None]
+    for start in range(0, labels.shape[0], chunk):
+        x, y = images[start:start + chunk], labels[start:start + chunk]
+        logits, pre = block.forward(x)
+        predicted = logits.argmax(dim=-1)  # (V, C)
+        correct += (predicted == y[None]).sum(dim=1)
+        counts += torch.bincount((offsets * NUM_CLASSES + predicted).flatten(),
+                                 minlength=members * NUM_CLASSES)
+        if confusion:
+            cells = offsets * NUM_CLASSES**2 + y[None] * NUM_CLASSES + predicted
+            matrix += torch.bincount(cells.flatten(), minlength=members * NUM_CLASSES**2)
+        if activation in ("relu", "gelu"):
+            alive |= (pre > 0).any(dim=1)
+        else:
+            hidden = block.activation(pre)
+            low = -1.0 if activation == "tanh" else 0.0
+            near = (hidden < low + SATURATION_MARGIN) | (hidden > 1.0 - SATURATION_MARGIN)
+            saturated += near.sum(dim=(1, 2)).double()
+    total = labels.shape[0]
+    if activation in ("relu", "gelu"):
+        unit_fraction = 1.0 - alive.float().mean(dim=1)
+    else:
+        unit_fraction = (saturated / (total * width)).float()
+    result = {
+        "accuracy": correct.double() / total,
+        "counts": counts.view(members, NUM_CLASSES),
+        "unit_fraction": unit_fraction,
+    }
+    if confusion:
+        result["confusion"] = matrix.view(members, NUM_CLASSES, NUM_CLASSES)
+    return result
+
+
+def _blocks_by_seed(members: Sequence[Member]) -> list[list[int]]:
+    """Group member positions by seed index, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for position, member in enumerate(members):
+        groups.setdefault(member.seed, []).append(position)
+    return list(groups.values())
+
+
+def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
+                provenance: dict, device: torch.device | str = "cpu") -> list[RunResult]:
+    """Train runs that share a structure together and return one result per run, in order.
+
+    Args:
+        members: runs whose settings agree on every field of ``STRUCTURE_FIELDS``.
+        data: the dataset on ``device``.
+        criteria: the outcome thresholds.
+        provenance: package version, git commit, torch version and dataset MD5, stored
+            with every run.
+        device: where to train; must hold ``data``.
+
+    Raises:
+        ValueError: when the runs do not share a structure.
+    """
+    if not members:
+        return []
+    structures = {structure_of(m.settings) for m in members}
+    if len(structures) != 1:
+        raise ValueError(f"a stack needs runs of one structure; got {len(structures)}")
+    device = torch.device(device)
+    first = members[0].settings
+    groups = _blocks_by_seed(members)
+    blocks = [SeedBlock([members[i].settings for i in g], members[g[0]].seed, device)
+              for g in groups]
+    optimizers = [_Optimizer(block, first.optimizer) for block in blocks]
+    data_streams = [generator(block.seed, "data") for block in blocks]
+    dropout_streams = [generator(block.seed, "dropout", device) for block in blocks]
+    subset = data.subset_indexes(first.train_subset)
+    train_size = data.train_labels.shape[0] if subset is None else subset.shape[0]
+    history: list[list[EpochRecord]] = [[] for _ in members]
+    diverged = [torch.zeros(block.members, dtype=torch.bool, device=device) for block in blocks]
+    final_eval: list[dict] = []
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=first.precision == "bf16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = first.precision == "tf32"
+    started = time.perf_counter()
+
+    for epoch in range(first.epochs + 1):
+        epoch_started = time.perf_counter()
+        loss_sums = [torch.zeros(b.members, dtype=torch.float64, device=device) for b in blocks]
+        norm_sums = [torch.zeros(b.members, dtype=torch.float64, device=device) for b in blocks]
+        steps = 0
+
+        # Epoch 0 only evaluates the initial weights; every later epoch trains first.
+        if epoch > 0:
+            orders = [torch.randperm(train_size, generator=g).to(device) for g in data_streams]
+            if subset is not None:
+                orders = [subset[order] for order in orders]
+            for start in range(0, train_size, first.batch_size):
+                steps += 1
+                losses_per_block = []
+                total = torch.zeros((), device=device)
+                with autocast:
+                    for block, order, dropout_stream in zip(blocks, orders, dropout_streams):
+                        index = order[start:start + first.batch_size]
+                        uniform = None
+                        if block.uses_dropout:
+                            uniform = torch.rand(index.shape[0], block.width, device=device,
+                                                 generator=dropout_stream)
+                        logits, _ = block.forward(data.train_images[index], uniform)
+                        losses = member_losses(logits, data.train_labels[index], first.loss)
+                        losses_per_block.append(losses)
+                        total = total + losses.sum()
+                for block in blocks:
+                    for param in block.params.values():
+                        param.grad = None
+                total.backward()
+
+                # Freeze runs whose loss or gradient is no longer finite, then step.
+                for b, (block, optimizer) in enumerate(zip(blocks, optimizers)):
+                    losses = losses_per_block[b].detach()
+                    bad = ~torch.isfinite(losses) & ~diverged[b]
+                    if bool(bad.any()):
+                        optimizer.freeze(bad)
+                        diverged[b] |= bad
+                    if (steps - 1) % GRAD_NORM_EVERY == 0:
+                        norm_sums[b] += torch.where(diverged[b], 0.0, _grad_norms(block).double())
+                    optimizer.step()
+                    loss_sums[b] += torch.where(diverged[b], 0.0, losses.double())
+
+        # Evaluate on the test set and record each run that was alive at the epoch's start.
+        last = epoch == first.epochs
+        seconds = time.perf_counter() - epoch_started
+        for b, (block, group) in enumerate(zip(blocks, groups)):
+            finite = _weights_finite(block)
+            if not bool(finite.all()):
+                newly = ~finite & ~diverged[b]
+                optimizers[b].freeze(newly)
+                diverged[b] |= newly
+            result = evaluate(block, data.test_images, data.test_labels, first.activation,
+                              confusion=last)
+            if last:
+                final_eval.append(result)
+            _record_epoch(history, group, block, epoch, steps, loss_sums[b], norm_sums[b],
+                          diverged[b], result, seconds, first.activation)
+
+    elapsed = time.perf_counter() - started
+    return _results(members, groups, history, final_eval, criteria, provenance, device,
+                    elapsed / len(members))
+
+
+def _record_epoch(history: list[list[EpochRecord]], group: list[int], block: SeedBlock,
+                  epoch: int, steps: int, loss_sums: torch.Tensor, norm_sums: torch.Tensor,
+                  diverged: torch.Tensor, result: dict, seconds: float, activation: str) -> None:
+    accuracy = result["accuracy"].tolist()
+    counts = result["counts"].tolist()
+    unit_fraction = result["unit_fraction"].tolist()
+    losses = (loss_sums / max(steps, 1)).tolist()
+    measured_steps = (steps + GRAD_NORM_EVERY - 1) // GRAD_NORM_EVERY
+    norms = (norm_sums / max(measured_steps, 1)).tolist()
+    dead = activation in ("relu", "gelu")
+    for v, position in enumerate(group):
+        records = history[position]
+        if records and records[-1].nonfinite:
+            continue  # diverged in an earlier epoch: nothing more to record
+        nonfinite = bool(diverged[v])
+        records.append(EpochRecord(
+            epoch=epoch,
+            train_loss=None if epoch == 0 else (math.nan if nonfinite else losses[v]),
+            test_accuracy=math.nan if nonfinite else accuracy[v],
+            prediction_counts=tuple(counts[v]),
+            dead_fraction=unit_fraction[v] if dead and not nonfinite else None,
+            saturated_fraction=unit_fraction[v] if not dead and not nonfinite else None,
+            grad_norm=None if epoch == 0 or nonfinite else norms[v],
+            nonfinite=nonfinite,
+            seconds=seconds,
+        ))
+
+
+def _results(members: Sequence[Member], groups: list[list[int]],
+             history: list[list[EpochRecord]], final_eval: list[dict], criteria: Criteria,
+             provenance: dict, device: torch.device, seconds_per_run: float) -> list[RunResult]:
+    results: list[RunResult | None] = [None] * len(members)
+    for group, evaluation in zip(groups, final_eval):
+        confusion = evaluation["confusion"].tolist()
+        for v, position in enumerate(group):
+            member, records = members[position], history[position]
+            final = records[-1]
+            accuracy = None if final.nonfinite else final.test_accuracy
+            outcome, collapse_class, share = outcome_of_counts(
+                final.prediction_counts, accuracy, final.nonfinite, criteria)
+            results[position] = RunResult(
+                run_key=member.run_key, seed=member.seed, settings=member.settings.to_dict(),
+                outcome=outcome, collapse_class=collapse_class, final_accuracy=accuracy,
+                final_train_loss=final.train_loss, max_class_share=share,
+                epochs=tuple(records),
+                confusion=None if final.nonfinite else tuple(map(tuple, confusion[v])),
+                train_seconds=seconds_per_run, device=str(device), provenance=provenance,
+            )
+    return [r for r in results if r is not None]

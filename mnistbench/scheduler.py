@@ -1,0 +1,299 @@
+"""Run an ablation: key its runs, skip finished ones, train the rest in stacks, store results.
+
+    summary = run_ablation(load_matrix("ablations/smoke.yaml"), Store("stores/smoke.sqlite"))
+
+Expanding the matrix (``matrix``) and training (``engine``) stay separate: this module
+turns the matrix's runs into stacks, hands them to worker processes (CPU, one torch
+thread each, since that keeps every core busy and the runs deterministic) or trains
+them in this process (GPU), and writes each finished stack to the store in one
+transaction. Runs this process is about to train are claimed in the store first, so
+a second ``ablate`` on the same store trains other runs instead of the same ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import signal
+import socket
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+import multiprocessing
+
+import torch
+
+from mnistbench.data import load_dataset
+from mnistbench.engine import DeviceData, Member, train_stack
+from mnistbench.errors import MnistbenchError
+from mnistbench.matrix import Cell, Criteria, Matrix
+from mnistbench.model import structure_of
+from mnistbench.outcome import RunResult
+from mnistbench.provenance import device_name, provenance
+from mnistbench.store import Store, run_key
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_STACK_CPU = 64  # runs per stack on the CPU: wide enough for efficient matmuls
+DEFAULT_MAX_STACK_CUDA = 1024  # a GPU needs wide stacks to fill its cores
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``ablate`` will do: all runs, the ones still to train, and their stacks."""
+
+    keyed: list[tuple[Cell, int, str]]  # (cell, seed, run key) for every run of the matrix
+    pending: list[Member]
+    stacks: list[list[Member]]
+    device: str
+    workers: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What one ``ablate`` call did."""
+
+    total_runs: int
+    already_finished: int
+    trained: int
+    claimed_elsewhere: int
+    crashed: int
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """Return the training device: the one requested, else CUDA when present, else CPU."""
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise MnistbenchError(
+            f"invalid --device {requested!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MnistbenchError(f"--device {requested} requested but no CUDA device is available; "
+                              f"use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise MnistbenchError(f"unsupported --device {requested!r}; expected cpu or cuda")
+    return device
+
+
+def default_workers(device: torch.device) -> int:
+    """One worker process per usable core on the CPU; one process on a GPU."""
+    if device.type != "cpu":
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def stack_cost(stack: Sequence[Member]) -> float:
+    """Relative cost of a stack: runs x epochs x training examples x layer-one width."""
+    settings = stack[0].settings
+    examples = settings.train_subset or 60_000
+    return len(stack) * settings.epochs * examples * settings.input_features() * settings.width
+
+
+def plan_stacks(members: Sequence[Member], max_stack: int, workers: int = 1
+                ) -> list[list[Member]]:
+    """Group runs into stacks of one structure, at most ``max_stack`` runs each.
+
+    Runs of one seed are kept next to each other, because a stack trains each seed's
+    runs as one wide matmul. Stacks are split further until there are at least
+    ``workers`` of them, and returned costliest first so that parallel workers finish
+    together.
+    """
+    if max_stack < 1:
+        raise MnistbenchError(f"--max-stack must be at least 1; got {max_stack}")
+    groups: dict[tuple, list[Member]] = {}
+    for member in members:
+        groups.setdefault(structure_of(member.settings), []).append(member)
+    stacks = []
+    for group in groups.values():
+        ordered = sorted(group, key=lambda m: m.seed)
+        stacks.extend(_split(ordered, math.ceil(len(ordered) / max_stack)))
+    while len(stacks) < workers:
+        largest = max(stacks, key=len, default=None)
+        if largest is None or len(largest) < 2:
+            break
+        stacks.remove(largest)
+        stacks.extend(_split(largest, 2))
+    return sorted(stacks, key=stack_cost, reverse=True)
+
+
+def _split(members: list[Member], parts: int) -> list[list[Member]]:
+    size, extra = divmod(len(members), parts)
+    result, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        result.append(members[start:end])
+        start = end
+    return [part for part in result if part]
+
+
+def key_runs(matrix: Matrix, dataset_md5: str, device: torch.device) -> list[tuple[Cell, int, str]]:
+    """Return ``(cell, seed, run key)`` for every run of the matrix, in matrix order."""
+    return [(cell, seed, run_key(cell.settings.to_dict(), seed, dataset_md5, device.type))
+            for cell, seed in matrix.runs()]
+
+
+def train_safely(stack: Sequence[Member], data: DeviceData, criteria: Criteria,
+                 info: dict, device: torch.device) -> list[RunResult]:
+    """Train a stack; if it raises, train its runs one by one and record crashes.
+
+    A run that raises on its own is stored as ``crashed`` with the error text, and
+    never stops the other runs of its stack.
+    """
+    try:
+        return train_stack(stack, data, criteria, info, device)
+    except Exception as error:  # noqa: BLE001 - any failure is recorded, never re-raised
+        if len(stack) == 1:
+            logger.warning("run %s (seed %d) crashed: %s", stack[0].run_key, stack[0].seed,
+                           error)
+            return [_crashed(stack[0], error, info, device)]
+        logger.warning("a stack of %d runs failed (%s); training its runs one by one",
+                       len(stack), error)
+    results = []
+    for member in stack:
+        results.extend(train_safely([member], data, criteria, info, device))
+    return results
+
+
+def _crashed(member: Member, error: BaseException, info: dict, device: torch.device
+             ) -> RunResult:
+    text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    return RunResult(run_key=member.run_key, seed=member.seed,
+                     settings=member.settings.to_dict(), outcome="crashed",
+                     collapse_class=None, final_accuracy=None, final_train_loss=None,
+                     max_class_share=None, error=text, device=str(device), provenance=info)
+
+
+# -- worker processes -------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the parent process dies (PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: workers end when they next fail to reach the parent
+
+
+def _init_worker(dataset: str, data_dir: str | None, criteria: Criteria, info: dict) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    torch.set_num_threads(1)
+    loaded = load_dataset(dataset, data_dir, fetch=False)
+    _WORKER.update(data=DeviceData.from_dataset(loaded, "cpu"), criteria=criteria, info=info)
+
+
+def _train_in_worker(stack: list[Member]) -> list[RunResult]:
+    return train_safely(stack, _WORKER["data"], _WORKER["criteria"], _WORKER["info"],
+                        torch.device("cpu"))
+
+
+# -- the ablation -----------------------------------------------------------------------
+
+
+def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, workers: int,
+            max_stack: int, data_dir: str | None = None) -> tuple[Plan, DeviceData]:
+    """Load the data, key every run and plan the stacks of the runs not yet in the store."""
+    dataset = load_dataset(matrix.dataset, data_dir)
+    keyed = key_runs(matrix, dataset.md5, device)
+    finished = store.finished_keys() if store is not None else set()
+    pending = [Member(key, seed, cell.settings) for cell, seed, key in keyed
+               if key not in finished]
+    stacks = plan_stacks(pending, max_stack, workers)
+    plan = Plan(keyed, pending, stacks, device_name(device), workers)
+    return plan, DeviceData.from_dataset(dataset, device)
+
+
+def run_ablation(matrix: Matrix, store: Store, *, device: str | None = None,
+                 workers: int | None = None, max_stack: int | None = None,
+                 data_dir: str | None = None,
+                 on_stack: Callable[[list[RunResult]], None] | None = None,
+                 on_plan: Callable[[Plan], None] | None = None) -> Summary:
+    """Train every run of the matrix that the store does not hold yet.
+
+    Args:
+        matrix: the validated matrix.
+        store: where results go; the resolved matrix is stored before training.
+        device: "auto" (default), "cpu", "cuda" or "cuda:N".
+        workers: CPU worker processes; default one per core (1 on a GPU).
+        max_stack: most runs trained together; default 64 on CPU, 1024 on a GPU.
+        data_dir: dataset cache directory (default: see ``mnistbench.data.cache_dir``).
+        on_stack: called with each stack's results after they are stored.
+        on_plan: called once with the plan before training starts.
+    """
+    torch_device = resolve_device(device)
+    workers = workers or default_workers(torch_device)
+    if workers < 1:
+        raise MnistbenchError(f"--workers must be at least 1; got {workers}")
+    if max_stack is None:
+        max_stack = DEFAULT_MAX_STACK_CUDA if torch_device.type == "cuda" else DEFAULT_MAX_STACK_CPU
+    plan, data = prepare(matrix, store, device=torch_device, workers=workers,
+                         max_stack=max_stack, data_dir=data_dir)
+    store.save_ablation(matrix, plan.keyed)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    claimed = set(store.claim([m.run_key for m in plan.pending], owner))
+    mine = [m for m in plan.pending if m.run_key in claimed]
+    already_finished = len(plan.keyed) - len(plan.pending)
+    claimed_elsewhere = len(plan.pending) - len(mine)
+    if claimed_elsewhere:
+        logger.info("%d runs are being trained by another process on this store; skipping them",
+                    claimed_elsewhere)
+    stacks = plan_stacks(mine, max_stack, workers) if mine else []
+    plan = Plan(plan.keyed, mine, stacks, plan.device, workers)
+    if on_plan is not None:
+        on_plan(plan)
+    info = provenance(data.md5)
+    crashed = 0
+
+    def finish(results: list[RunResult]) -> None:
+        nonlocal crashed
+        store.write_results(results)
+        crashed += sum(r.outcome == "crashed" for r in results)
+        if on_stack is not None:
+            on_stack(results)
+
+    try:
+        if workers == 1 or torch_device.type != "cpu" or len(stacks) <= 1:
+            for stack in stacks:
+                finish(train_safely(stack, data, matrix.criteria, info, torch_device))
+        else:
+            _run_in_workers(stacks, matrix, data_dir, info, workers, finish)
+    finally:
+        store.release(owner)
+    return Summary(total_runs=len(plan.keyed), already_finished=already_finished,
+                   trained=len(mine), claimed_elsewhere=claimed_elsewhere, crashed=crashed)
+
+
+def _run_in_workers(stacks: list[list[Member]], matrix: Matrix, data_dir: str | None,
+                    info: dict, workers: int, finish: Callable[[list[RunResult]], None]) -> None:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(stacks)), mp_context=context,
+                             initializer=_init_worker,
+                             initargs=(matrix.dataset, data_dir, matrix.criteria, info)) as pool:
+        futures = {pool.submit(_train_in_worker, stack) for stack in stacks}
+        try:
+            while futures:
+                done, futures = wait(futures, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finish(future.result())
+        except BrokenProcessPool as error:
+            raise MnistbenchError(
+                f"a worker process died ({error}); finished stacks are stored, so running "
+                f"the same ablate command again resumes with the rest"
+            ) from None
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise

@@ -1,0 +1,482 @@
+"""The store: one SQLite file that holds ablations, runs, per-epoch metrics and provenance.
+
+    store = Store("stores/default.sqlite")
+    store.save_ablation(matrix, keyed_runs)     # before training: resolved matrix and members
+    store.write_results(results)                # one transaction per finished stack
+    runs = store.runs_frame("default")          # tidy pandas frame, one row per run
+
+Tables:
+
+- ``ablations``: name, the matrix text as given and resolved, criteria, factor levels.
+- ``cells``: the cells of each ablation in declared order, with their levels.
+- ``members``: which run keys (cell and seed) make up each ablation.
+- ``runs``: one row per trained run, keyed by its run key, with the outcome, final
+  metrics, confusion matrix and provenance. A run key hashes everything that
+  determines the result, so the same run is trained once even when two ablations
+  share it, and a changed setting gets a new key.
+- ``epochs``: one row per run and epoch (epoch 0 is the evaluation before training).
+- ``claims``: runs an ``ablate`` process is training now, so a second process on
+  the same store skips them.
+
+The file runs in WAL mode; every write is one ``BEGIN IMMEDIATE`` transaction, so a
+killed process loses at most the stack it was training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from mnistbench.errors import StoreError
+from mnistbench.matrix import Cell, Criteria, Matrix, format_level
+from mnistbench.outcome import RunResult, outcome_of_counts
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# Bump when a change to the engine changes the numbers a run produces: old runs then
+# get new keys and train again instead of being mixed with new ones.
+NUMERICS_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ablations (
+    name TEXT PRIMARY KEY,
+    matrix_text TEXT NOT NULL,
+    matrix_json TEXT NOT NULL,
+    criteria_json TEXT NOT NULL,
+    factors_json TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cells (
+    ablation TEXT NOT NULL,
+    cell_id TEXT NOT NULL,
+    cell_index INTEGER NOT NULL,
+    levels_json TEXT NOT NULL,
+    settings_json TEXT NOT NULL,
+    PRIMARY KEY (ablation, cell_id)
+);
+CREATE TABLE IF NOT EXISTS members (
+    ablation TEXT NOT NULL,
+    run_key TEXT NOT NULL,
+    cell_id TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    PRIMARY KEY (ablation, run_key)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_key TEXT PRIMARY KEY,
+    settings_json TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    collapse_class INTEGER,
+    final_accuracy REAL,
+    final_train_loss REAL,
+    max_class_share REAL,
+    final_prediction_counts_json TEXT,
+    epochs_done INTEGER NOT NULL,
+    confusion_json TEXT,
+    error TEXT,
+    train_seconds REAL NOT NULL,
+    device TEXT NOT NULL,
+    package_version TEXT NOT NULL,
+    git_commit TEXT NOT NULL,
+    torch_version TEXT NOT NULL,
+    dataset_md5 TEXT NOT NULL,
+    host TEXT NOT NULL,
+    finished_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_key TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    train_loss REAL,
+    test_accuracy REAL,
+    prediction_counts_json TEXT NOT NULL,
+    dead_fraction REAL,
+    saturated_fraction REAL,
+    grad_norm REAL,
+    nonfinite INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    PRIMARY KEY (run_key, epoch)
+);
+CREATE TABLE IF NOT EXISTS claims (
+    run_key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    claimed_at REAL NOT NULL
+);
+"""
+
+PROVENANCE_KEYS = ("package_version", "git_commit", "torch_version", "dataset_md5")
+
+
+def run_key(settings: dict, seed: int, dataset_md5: str, device_type: str) -> str:
+    """Hash everything that determines a run's result into a 16-hex-digit key.
+
+    Args:
+        settings: the run's settings as plain data (``Settings.to_dict()``).
+        seed: the seed index.
+        dataset_md5: the dataset checksum (``Dataset.md5``).
+        device_type: ``"cpu"`` or ``"cuda"``; the two do not give bit-identical numbers.
+    """
+    payload = {
+        "settings": settings,
+        "seed": seed,
+        "dataset_md5": dataset_md5,
+        "device_type": device_type,
+        "numerics_version": NUMERICS_VERSION,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    """A connection to one store file; create it with ``create=True``."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            if not create:
+                raise StoreError(
+                    f"store not found: {self.path}; run 'mnistbench ablate MATRIX --store "
+                    f"{self.path}' first"
+                )
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute("PRAGMA synchronous=NORMAL")
+            self.connection.execute("PRAGMA busy_timeout=60000")
+            self._create_schema()
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot open store {self.path}: {error}; expected an SQLite file "
+                             f"written by mnistbench") from error
+
+    def _create_schema(self) -> None:
+        # executescript commits on its own, so it runs outside the transaction below.
+        self.connection.executescript(_SCHEMA)
+        with self.transaction():
+            row = self.connection.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+            if row is None:
+                self.connection.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema version {row[0]}; this mnistbench reads "
+                    f"version {SCHEMA_VERSION}"
+                )
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def transaction(self) -> _Transaction:
+        """Return a context manager that wraps its block in ``BEGIN IMMEDIATE``/``COMMIT``."""
+        return _Transaction(self.connection)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def save_ablation(self, matrix: Matrix, keyed_cells: Sequence[tuple[Cell, int, str]]) -> None:
+        """Store the resolved matrix, its cells and its members before any training.
+
+        Args:
+            matrix: the validated matrix.
+            keyed_cells: ``(cell, seed, run_key)`` for every run of the matrix.
+        """
+        factors = {name: [format_level(level) for level in levels]
+                   for name, levels in matrix.factors.items()}
+        criteria = {"convergence_accuracy": matrix.criteria.convergence_accuracy,
+                    "collapse_share": matrix.criteria.collapse_share}
+        cells = {cell.cell_id: cell for cell, _, _ in keyed_cells}
+        with self.transaction():
+            self.connection.execute(
+                "INSERT OR REPLACE INTO ablations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (matrix.name, matrix.text, json.dumps(matrix.to_dict()), json.dumps(criteria),
+                 json.dumps(factors), matrix.dataset, _now()),
+            )
+            self.connection.execute("DELETE FROM cells WHERE ablation = ?", (matrix.name,))
+            self.connection.execute("DELETE FROM members WHERE ablation = ?", (matrix.name,))
+            self.connection.executemany(
+                "INSERT INTO cells VALUES (?, ?, ?, ?, ?)",
+                [(matrix.name, cell.cell_id, cell.index,
+                  json.dumps({k: format_level(v) for k, v in cell.levels.items()}),
+                  json.dumps(cell.settings.to_dict())) for cell in cells.values()],
+            )
+            self.connection.executemany(
+                "INSERT INTO members VALUES (?, ?, ?, ?)",
+                [(matrix.name, key, cell.cell_id, seed) for cell, seed, key in keyed_cells],
+            )
+        self.reclassify(matrix.name, matrix.criteria)
+
+    def write_results(self, results: Iterable[RunResult]) -> int:
+        """Insert finished runs and their epochs in one transaction; return how many were new.
+
+        A run whose key is already stored is left as it is, so two processes that
+        finish the same run never duplicate it.
+        """
+        written = 0
+        host = socket.gethostname()
+        with self.transaction():
+            for result in results:
+                cursor = self.connection.execute(
+                    "INSERT OR IGNORE INTO runs VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _run_row(result, host),
+                )
+                if cursor.rowcount == 0:
+                    continue
+                written += 1
+                self.connection.executemany(
+                    "INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(result.run_key, e.epoch, _finite_or_none(e.train_loss),
+                      _finite_or_none(e.test_accuracy), json.dumps(list(e.prediction_counts)),
+                      _finite_or_none(e.dead_fraction), _finite_or_none(e.saturated_fraction),
+                      _finite_or_none(e.grad_norm), int(e.nonfinite), float(e.seconds))
+                     for e in result.epochs],
+                )
+                self.connection.execute(
+                    "DELETE FROM claims WHERE run_key = ?", (result.run_key,)
+                )
+        return written
+
+    def reclassify(self, ablation: str, criteria: Criteria) -> int:
+        """Recompute the outcome of an ablation's stored runs under new criteria.
+
+        Crashed and diverged runs keep their outcome; the others are classified again
+        from their final accuracy and prediction counts. Returns how many changed.
+        """
+        rows = self.connection.execute(
+            "SELECT r.run_key, r.outcome, r.final_accuracy, r.final_prediction_counts_json "
+            "FROM runs r JOIN members m ON m.run_key = r.run_key WHERE m.ablation = ? "
+            "AND r.outcome NOT IN ('crashed', 'diverged')",
+            (ablation,),
+        ).fetchall()
+        updates = []
+        for key, old, accuracy, counts_json in rows:
+            counts = json.loads(counts_json)
+            outcome, collapse_class, _ = outcome_of_counts(counts, accuracy, False, criteria)
+            if outcome != old:
+                updates.append((outcome, collapse_class, key))
+        if updates:
+            with self.transaction():
+                self.connection.executemany(
+                    "UPDATE runs SET outcome = ?, collapse_class = ? WHERE run_key = ?", updates
+                )
+            logger.info("reclassified %d runs of ablation %s under new criteria",
+                        len(updates), ablation)
+        return len(updates)
+
+    # -- claims ----------------------------------------------------------------------
+
+    def claim(self, run_keys: Sequence[str], owner: str, *, stale_seconds: float = 86400.0
+              ) -> list[str]:
+        """Claim the given runs that are neither finished nor claimed by a live process.
+
+        A claim is stale, and taken over, when its process on this host is gone or it is
+        older than ``stale_seconds``. Returns the keys this owner now holds, in order.
+        """
+        host = socket.gethostname()
+        now = time.time()
+        claimed = []
+        with self.transaction():
+            finished = {row[0] for row in self.connection.execute("SELECT run_key FROM runs")}
+            current = {row[0]: row[1:] for row in self.connection.execute(
+                "SELECT run_key, owner, host, pid, claimed_at FROM claims")}
+            for key in run_keys:
+                if key in finished:
+                    continue
+                holder = current.get(key)
+                if holder is not None and holder[0] != owner:
+                    other_owner, other_host, other_pid, claimed_at = holder
+                    dead = other_host == host and not _pid_alive(other_pid)
+                    if not dead and now - claimed_at < stale_seconds:
+                        continue
+                    logger.info("taking over stale claim on run %s from %s", key, other_owner)
+                self.connection.execute(
+                    "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                    (key, owner, host, os.getpid(), now),
+                )
+                claimed.append(key)
+        return claimed
+
+    def release(self, owner: str) -> None:
+        """Drop every claim this owner still holds (runs it did not finish)."""
+        with self.transaction():
+            self.connection.execute("DELETE FROM claims WHERE owner = ?", (owner,))
+
+    # -- reading ---------------------------------------------------------------------
+
+    def finished_keys(self) -> set[str]:
+        return {row[0] for row in self.connection.execute("SELECT run_key FROM runs")}
+
+    def ablation_names(self) -> list[str]:
+        return [row[0] for row in self.connection.execute(
+            "SELECT name FROM ablations ORDER BY updated_at, name")]
+
+    def ablation(self, name: str | None = None) -> dict:
+        """Return one ablation's stored matrix: name, text, resolved dict, criteria, factors.
+
+        With ``name=None`` the store must hold exactly one ablation.
+        """
+        names = self.ablation_names()
+        if name is None:
+            if len(names) != 1:
+                raise StoreError(
+                    f"store {self.path} holds {len(names)} ablations "
+                    f"({', '.join(names) or 'none'}); name one with --ablation"
+                )
+            name = names[0]
+        row = self.connection.execute(
+            "SELECT name, matrix_text, matrix_json, criteria_json, factors_json, dataset, "
+            "updated_at FROM ablations WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(
+                f"ablation '{name}' not found in store {self.path}; stored ablations: "
+                f"{', '.join(names) or 'none'}"
+            )
+        return {
+            "name": row[0], "text": row[1], "matrix": json.loads(row[2]),
+            "criteria": json.loads(row[3]), "factors": json.loads(row[4]),
+            "dataset": row[5], "updated_at": row[6],
+        }
+
+    def cells_frame(self, ablation: str) -> pd.DataFrame:
+        """One row per cell: ``cell_index``, ``cell_id``, one column per factor (level text)."""
+        factors = list(self.ablation(ablation)["factors"])
+        rows = self.connection.execute(
+            "SELECT cell_index, cell_id, levels_json FROM cells WHERE ablation = ? "
+            "ORDER BY cell_index", (ablation,)
+        ).fetchall()
+        records = [{"cell_index": i, "cell_id": c, **json.loads(levels)} for i, c, levels in rows]
+        return pd.DataFrame(records, columns=["cell_index", "cell_id", *factors])
+
+    def runs_frame(self, ablation: str) -> pd.DataFrame:
+        """One row per finished run of the ablation, in cell then seed order.
+
+        Columns: ``cell_index``, ``cell_id``, one per factor (level text), ``seed``,
+        ``run_key``, ``outcome``, ``collapse_class``, ``final_accuracy``,
+        ``final_train_loss``, ``max_class_share``, ``epochs_done``, ``error``,
+        ``train_seconds``, ``device``, the provenance columns, ``host``,
+        ``finished_at``, and ``confusion`` (a 10x10 list of lists or None).
+        """
+        cells = self.cells_frame(ablation)
+        factors = [c for c in cells.columns if c not in ("cell_index", "cell_id")]
+        query = (
+            "SELECT m.cell_id, m.seed, r.run_key, r.outcome, r.collapse_class, "
+            "r.final_accuracy, r.final_train_loss, r.max_class_share, r.epochs_done, r.error, "
+            "r.train_seconds, r.device, r.package_version, r.git_commit, r.torch_version, "
+            "r.dataset_md5, r.host, r.finished_at, r.confusion_json "
+            "FROM members m JOIN runs r ON r.run_key = m.run_key WHERE m.ablation = ?"
+        )
+        frame = pd.read_sql_query(query, self.connection, params=(ablation,))
+        frame["confusion"] = [json.loads(c) if isinstance(c, str) else None
+                              for c in frame.pop("confusion_json")]
+        frame = cells.merge(frame, on="cell_id", how="inner")
+        frame = frame.sort_values(["cell_index", "seed"], kind="stable").reset_index(drop=True)
+        frame["collapse_class"] = frame["collapse_class"].astype("Int64")
+        ordered = ["cell_index", "cell_id", *factors, "seed"]
+        return frame[ordered + [c for c in frame.columns if c not in ordered]]
+
+    def epochs_frame(self, ablation: str) -> pd.DataFrame:
+        """One row per finished run and epoch, with the run's cell and factor columns.
+
+        Columns: ``cell_index``, ``cell_id``, factor columns, ``seed``, ``run_key``,
+        ``epoch``, ``train_loss``, ``test_accuracy``, ``prediction_counts`` (list of 10),
+        ``dead_fraction``, ``saturated_fraction``, ``grad_norm``, ``nonfinite`` (bool),
+        ``seconds``.
+        """
+        cells = self.cells_frame(ablation)
+        factors = [c for c in cells.columns if c not in ("cell_index", "cell_id")]
+        query = (
+            "SELECT m.cell_id, m.seed, e.run_key, e.epoch, e.train_loss, e.test_accuracy, "
+            "e.prediction_counts_json, e.dead_fraction, e.saturated_fraction, e.grad_norm, "
+            "e.nonfinite, e.seconds FROM members m JOIN epochs e ON e.run_key = m.run_key "
+            "WHERE m.ablation = ?"
+        )
+        frame = pd.read_sql_query(query, self.connection, params=(ablation,))
+        frame["prediction_counts"] = [json.loads(c) for c in frame.pop("prediction_counts_json")]
+        frame["nonfinite"] = frame["nonfinite"].astype(bool)
+        frame = cells.merge(frame, on="cell_id", how="inner")
+        frame = frame.sort_values(["cell_index", "seed", "epoch"], kind="stable")
+        ordered = ["cell_index", "cell_id", *factors, "seed"]
+        frame = frame.reset_index(drop=True)
+        return frame[ordered + [c for c in frame.columns if c not in ordered]]
+
+    def member_count(self, ablation: str) -> int:
+        return self.connection.execute(
+            "SELECT COUNT(*) FROM members WHERE ablation = ?", (ablation,)).fetchone()[0]
+
+
+class _Transaction:
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.connection.execute("BEGIN IMMEDIATE")
+        return self.connection
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.connection.execute("COMMIT")
+        else:
+            self.connection.execute("ROLLBACK")
+
+
+def _run_row(result: RunResult, host: str) -> tuple:
+    provenance = result.provenance
+    missing = [k for k in PROVENANCE_KEYS if k not in provenance]
+    assert not missing, f"run {result.run_key} lacks provenance {missing}"
+    counts = result.epochs[-1].prediction_counts if result.epochs else None
+    return (
+        result.run_key, json.dumps(result.settings), result.seed, result.outcome,
+        result.collapse_class, _finite_or_none(result.final_accuracy),
+        _finite_or_none(result.final_train_loss), _finite_or_none(result.max_class_share),
+        json.dumps(list(counts)) if counts is not None else None,
+        max((e.epoch for e in result.epochs), default=0),
+        json.dumps([list(r) for r in result.confusion]) if result.confusion else None,
+        result.error, float(result.train_seconds), result.device,
+        provenance["package_version"], provenance["git_commit"], provenance["torch_version"],
+        provenance["dataset_md5"], host, _now(),
+    )

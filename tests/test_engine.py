@@ -1,0 +1,231 @@
+"""Tests of the stacked engine on small datasets built in the test."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mnistbench import model as model_module
+from mnistbench.engine import DeviceData, Member, train_stack
+from mnistbench.matrix import Criteria, Settings
+from mnistbench.model import member_losses
+from mnistbench.scheduler import plan_stacks, train_safely
+
+PROVENANCE = {"package_version": "test", "git_commit": "test", "torch_version": "test",
+              "dataset_md5": "synthetic"}
+
+
+def band_dataset(train_size: int = 1024, test_size: int = 500, *, train_label: int | None = None
+                 ) -> DeviceData:
+    """Digits drawn as bright bands: class k lights pixels 78k..78k+77, plus noise.
+
+    With ``train_label`` every training example carries that label, which teaches
+    any model to predict that one class.
+    """
+    generator = torch.Generator().manual_seed(0)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 60, (n, 784), generator=generator)
+        for k in range(10):
+            rows = labels == k
+            images[rows, 78 * k:78 * k + 78] += 180
+        return images.clamp(0, 255).to(torch.uint8), labels
+
+    train_images, train_labels = make(train_size)
+    test_images, test_labels = make(test_size)
+    if train_label is not None:
+        train_labels = torch.full_like(train_labels, train_label)
+    return DeviceData(train_images, train_labels, test_images, test_labels, "synthetic")
+
+
+def members_for(variants: list[Settings], seeds: list[int]) -> list[Member]:
+    return [Member(f"run{i}-{s}", s, settings)
+            for i, settings in enumerate(variants) for s in seeds]
+
+
+BASE = Settings(activation="sigmoid", width=32, epochs=2, batch_size=32, lr=0.5)
+
+
+@pytest.mark.parametrize("base", [
+    pytest.param(BASE, id="mlp"),
+    pytest.param(replace(BASE, conv=True), id="conv"),
+    pytest.param(replace(BASE, conv=True, pool=True), id="conv-pool"),
+    pytest.param(replace(BASE, pool=True, activation="relu"), id="pool-relu"),
+    pytest.param(replace(BASE, optimizer="adam", lr=0.01), id="adam"),
+])
+def test_stacked_run_equals_run_alone(base: Settings) -> None:
+    data = band_dataset()
+    variants = [
+        base,
+        replace(base, init="xavier"),
+        replace(base, dropout=0.5),
+        replace(base, init="kaiming", dropout=0.2),
+    ]
+    if base.optimizer == "sgd":
+        variants.append(replace(base, momentum=0.9, lr=0.1))
+    members = members_for(variants, seeds=[0, 1])[:8]
+    stacked = train_stack(members, data, Criteria(), PROVENANCE)
+    assert len(stacked) == len(members)
+    for member, together in zip(members, stacked):
+        alone, = train_stack([member], data, Criteria(), PROVENANCE)
+        assert together.run_key == member.run_key
+        assert len(together.epochs) == len(alone.epochs) == base.epochs + 1
+        for a, b in zip(together.epochs, alone.epochs):
+            assert a.test_accuracy == pytest.approx(b.test_accuracy, abs=2e-3), member
+            if a.train_loss is not None:
+                assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4, abs=1e-5), member
+            assert a.prediction_counts == pytest.approx(b.prediction_counts, abs=2)
+
+
+def test_same_run_twice_is_identical() -> None:
+    data = band_dataset()
+    member = Member("k", 3, replace(BASE, dropout=0.3))
+    first, = train_stack([member], data, Criteria(), PROVENANCE)
+    second, = train_stack([member], data, Criteria(), PROVENANCE)
+    assert [e.train_loss for e in first.epochs] == [e.train_loss for e in second.epochs]
+    assert first.confusion == second.confusion
+
+
+def test_seeds_give_different_runs() -> None:
+    data = band_dataset()
+    a, b = train_stack(members_for([BASE], seeds=[0, 1]), data, Criteria(), PROVENANCE)
+    assert a.epochs[1].train_loss != b.epochs[1].train_loss
+
+
+def test_converging_run_is_classified_converged() -> None:
+    result, = train_stack([Member("k", 0, BASE)], band_dataset(), Criteria(0.9, 0.9),
+                          PROVENANCE)
+    assert result.outcome == "converged"
+    assert result.final_accuracy >= 0.9
+    assert result.collapse_class is None
+    assert sum(map(sum, result.confusion)) == 500
+    assert result.epochs[0].train_loss is None
+    assert result.epochs[-1].saturated_fraction is not None
+    assert result.epochs[-1].dead_fraction is None
+
+
+def test_one_label_training_collapses_to_that_class() -> None:
+    data = band_dataset(train_label=7)
+    result, = train_stack([Member("k", 0, BASE)], data, Criteria(0.9, 0.9), PROVENANCE)
+    assert result.outcome == "collapsed"
+    assert result.collapse_class == 7
+    assert result.max_class_share == pytest.approx(1.0)
+    assert result.epochs[-1].prediction_counts[7] == 500
+
+
+def test_huge_learning_rate_diverges_without_stopping_batch_mates() -> None:
+    data = band_dataset()
+    exploding = replace(BASE, activation="relu", init="large_normal", lr=1e30)
+    members = [Member("bad", 0, exploding), Member("good", 0, replace(exploding, lr=0.05,
+                                                                       init="default"))]
+    # Both share a seed and structure, so they train in one block of one stack.
+    assert len(plan_stacks(members, max_stack=8)) == 1
+    bad, good = train_stack(members, data, Criteria(0.9, 0.9), PROVENANCE)
+    assert bad.outcome == "diverged"
+    assert bad.final_accuracy is None
+    assert bad.epochs[-1].nonfinite
+    assert math.isnan(bad.epochs[-1].train_loss)
+    assert good.outcome == "converged"
+    assert all(not e.nonfinite for e in good.epochs)
+    assert len(good.epochs) == BASE.epochs + 1
+
+
+def test_crash_of_one_run_keeps_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_init = model_module.init_member
+
+    def init_failing_for_seed_5(settings: Settings, seed: int) -> dict:
+        if seed == 5:
+            raise RuntimeError("simulated failure while drawing weights")
+        return real_init(settings, seed)
+
+    monkeypatch.setattr(model_module, "init_member", init_failing_for_seed_5)
+    members = members_for([BASE], seeds=[4, 5, 6])
+    results = train_safely(members, band_dataset(), Criteria(0.9, 0.9), PROVENANCE,
+                           torch.device("cpu"))
+    assert [r.run_key for r in results] == [m.run_key for m in members]
+    assert [r.outcome for r in results] == ["converged", "crashed", "converged"]
+    assert "simulated failure while drawing weights" in results[1].error
+    assert results[1].epochs == ()
+
+
+def test_mse_rejects_labels_that_do_not_match_outputs() -> None:
+    logits = torch.zeros(2, 4, 10)
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 1\) do not match logits"):
+        member_losses(logits, torch.zeros(4, 1, dtype=torch.long), "mse")
+    with pytest.raises(ValueError, match=r"expected labels of shape \(4,\)"):
+        member_losses(logits, torch.zeros(3, dtype=torch.long), "cross_entropy")
+
+
+def test_mse_matches_torch_mse_on_one_hot_targets() -> None:
+    logits = torch.randn(3, 5, 10, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 3, 9, 1, 1])
+    losses = member_losses(logits, labels, "mse")
+    target = torch.nn.functional.one_hot(labels, 10).float()
+    expected = torch.stack([torch.nn.functional.mse_loss(logits[v], target) for v in range(3)])
+    torch.testing.assert_close(losses, expected)
+
+
+def test_cross_entropy_matches_torch() -> None:
+    logits = torch.randn(3, 5, 10, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 3, 9, 1, 1])
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[v], labels)
+                            for v in range(3)])
+    torch.testing.assert_close(member_losses(logits, labels, "cross_entropy"), expected)
+
+
+def test_stacked_model_matches_torch_modules() -> None:
+    """The stacked forward pass equals nn.Conv1d -> act -> max_pool1d -> nn.Linear layers."""
+    settings = replace(BASE, conv=True, pool=True, activation="tanh", width=16)
+    block = model_module.SeedBlock([settings, replace(settings, init="xavier")], 0, "cpu")
+    images = band_dataset(train_size=10, test_size=10).test_images
+    logits, _ = block.forward(images)
+    for v in range(2):
+        conv = torch.nn.Conv1d(1, 1, 3)
+        first = torch.nn.Linear(391, 16)
+        second = torch.nn.Linear(16, 10)
+        with torch.no_grad():
+            conv.weight.copy_(block.params["conv_weight"][v].view(1, 1, 3))
+            conv.bias.copy_(block.params["conv_bias"][v])
+            first.weight.copy_(block.params["weight1"][v].t())
+            first.bias.copy_(block.params["bias1"][v])
+            second.weight.copy_(block.params["weight2"][v].t())
+            second.bias.copy_(block.params["bias2"][v])
+            x = images.float()[:, None, :] / 255.0
+            hidden = torch.nn.functional.max_pool1d(torch.tanh(conv(x)), 2).squeeze(1)
+            expected = second(torch.tanh(first(hidden)))
+        torch.testing.assert_close(logits[v].detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_default_init_matches_pytorch_bounds() -> None:
+    settings = Settings(width=100)
+    params = model_module.init_member(settings, seed=0)
+    bound = 1 / math.sqrt(784)
+    assert params["weight1"].shape == (784, 100)
+    assert params["weight1"].abs().max() <= bound
+    assert params["weight1"].abs().max() > 0.9 * bound
+    assert params["bias1"].abs().max() <= bound
+    large = model_module.init_member(replace(settings, init="large_normal"), seed=0)
+    assert large["weight1"].std() == pytest.approx(1.0, rel=0.02)
+    assert torch.equal(large["bias1"], torch.zeros(100))
+
+
+def test_uniform_init_equals_default_init() -> None:
+    default = model_module.init_member(Settings(), seed=2)
+    uniform = model_module.init_member(Settings(init="uniform"), seed=2)
+    for name in default:
+        assert torch.equal(default[name], uniform[name])
+
+
+def test_plan_stacks_groups_by_structure_and_fills_workers() -> None:
+    relu = replace(BASE, activation="relu")
+    members = members_for([BASE, relu, replace(BASE, dropout=0.5)], seeds=[0, 1, 2])
+    stacks = plan_stacks(members, max_stack=100, workers=1)
+    assert sorted(len(s) for s in stacks) == [3, 6]
+    for stack in stacks:
+        assert len({m.settings.activation for m in stack}) == 1
+    assert len(plan_stacks(members, max_stack=2, workers=1)) == 5
+    assert len(plan_stacks(members, max_stack=100, workers=4)) == 4
