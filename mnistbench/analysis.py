@@ -1,6 +1,6 @@
 """Per-cell, per-level and paired statistics of one ablation, computed from the store alone.
 
-    with Store("stores/default.sqlite", create=False) as store:
+    with Store("stores/default.sqlite", readonly=True) as store:
         analysis = analyze(store, "default")
     analysis.cells[["cell_id", "stored", "convergence_rate"]]   # one row per declared cell
     analysis.differences.query("metric == 'accuracy'")          # paired level differences
@@ -68,7 +68,7 @@ def analyze(store: Store, ablation: str | None = None) -> Analysis:
 
     Args:
         store: an open store.
-        ablation: the ablation name; None when the store holds exactly one.
+        ablation: the ablation name; None when the store contains exactly one.
 
     Raises:
         StoreError: the ablation is not in the store, or ``None`` is ambiguous.
@@ -102,7 +102,8 @@ def analyze(store: Store, ablation: str | None = None) -> Analysis:
     )
 
 
-def _cell_members_and_settings(store: Store, ablation: str) -> tuple[dict[str, int], pd.DataFrame]:
+def _cell_members_and_settings(store: Store,
+                               ablation: str) -> tuple[dict[str, int], pd.DataFrame]:
     """Return the number of member runs of each cell and each cell's typed settings."""
     # NOTE: Store has no reader for these two columns yet, so this reads its tables directly.
     counts = dict(store.connection.execute(
@@ -113,8 +114,9 @@ def _cell_members_and_settings(store: Store, ablation: str) -> tuple[dict[str, i
         (ablation,),
     ).fetchall()
     records = [{"cell_id": cell_id, **json.loads(text)} for cell_id, text in rows]
-    return counts, pd.DataFrame.from_records(records) if records else pd.DataFrame(
-        {"cell_id": pd.Series(dtype=str)})
+    if not records:
+        return counts, pd.DataFrame({"cell_id": pd.Series(dtype=str)})
+    return counts, pd.DataFrame.from_records(records)
 
 
 def top_class_shares(prediction_counts: pd.Series) -> pd.Series:
@@ -131,7 +133,7 @@ def top_class_shares(prediction_counts: pd.Series) -> pd.Series:
 def epochs_to_reach(epochs: pd.DataFrame, accuracy: float) -> pd.Series:
     """Return the first epoch whose test accuracy is at or above ``accuracy``, per run key.
 
-    Runs that never reach it are absent from the result; callers fill them with inf.
+    Runs that never reach it are absent from the result, and callers fill them with inf.
     """
     reached = epochs[epochs["test_accuracy"] >= accuracy]
     return reached.groupby("run_key")["epoch"].min().astype(float)
@@ -233,7 +235,7 @@ def summarize_cells(runs: pd.DataFrame, cells: pd.DataFrame,
     ``accuracy_mean`` (Estimates of the final accuracy as a fraction),
     ``convergence_rate`` / ``collapse_rate`` / ``divergence_rate`` / ``reached_rate``
     (Wilson Estimates over stored runs; ``reached`` means the convergence accuracy was
-    reached at some epoch), ``epochs_to_converge_median`` (inf when more than half never
+    reached at some epoch), ``epochs_to_converge_median`` (inf when at least half never
     reach it, NaN for a cell without runs), ``collapse_classes`` (class -> count) and
     ``collapse_text``. A cell without stored runs has NaN estimates with n = 0.
     """
@@ -376,7 +378,11 @@ def format_accuracy(estimate: Estimate) -> str:
 
 
 def format_points(estimate: Estimate, decimals: int = 1) -> str:
-    """Format a difference in points as "-6.9 points [-7.6, -6.2]"."""
+    """Format a difference in points as "-6.9 points [-7.6, -6.2]".
+
+    A bound that rounds to zero keeps its sign ("-0.0"), so that an interval that
+    barely contains 0 does not read as if it excluded it.
+    """
     if estimate.n == 0:
         return "n/a (no observations)"
     return (f"{estimate.value:+.{decimals}f} points [{estimate.lower:+.{decimals}f}, "

@@ -1,6 +1,6 @@
 """Per-seed results of an ablation's cells, and the baselines that ``mnistbench check`` uses.
 
-    with Store("stores/smoke.sqlite", create=False) as store:
+    with Store("stores/smoke.sqlite", readonly=True) as store:
         write_baseline(store, "smoke", Path("ablations/smoke.baseline.json"))
     baseline = load_baseline(Path("ablations/smoke.baseline.json"), "smoke")
     estimate, paired = difference(current, baseline.cells["activation=relu"], "accuracy")
@@ -275,7 +275,7 @@ def parse_baseline(data: Any, source: str) -> Baseline:
 
 
 def _baseline_from_store(path: Path, ablation: str) -> Baseline:
-    with Store(path, create=False) as store:
+    with Store(path, readonly=True) as store:
         names = store.ablation_names()
         if ablation not in names and len(names) == 1:
             logger.info("baseline store %s does not contain ablation %s; using its only "

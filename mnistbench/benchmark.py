@@ -92,6 +92,7 @@ def plain_loop_seconds(settings: Settings, data: DeviceData, seed: int = 0) -> f
     before training and after each epoch.
     """
     torch.manual_seed(seed)
+    torch.set_flush_denormal(True)  # as the engine does, so that both pay the same arithmetic
     model = PlainModel(settings)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     subset = data.subset_indexes(settings.train_subset)

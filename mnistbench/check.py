@@ -121,7 +121,7 @@ def run_check(store_path: Path, thresholds_path: Path, *, baseline_path: Path | 
     if ablation is not None and thresholds.ablation not in (None, ablation):
         logger.info("checking ablation %s given on the command line instead of %s named in %s",
                     ablation, thresholds.ablation, thresholds_path)
-    with Store(store_path, create=False) as store:
+    with Store(store_path, readonly=True) as store:
         record = store.ablation(ablation or thresholds.ablation)
         name = record["name"]
         cells, unfinished = read_cells(store, name)

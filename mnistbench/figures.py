@@ -7,7 +7,8 @@
 
 Every level of a factor keeps one colour across all figures (:func:`level_palette`).
 Heatmap cells without runs are drawn hatched grey and labelled "no runs", never in the
-colour of a 0% rate. Only the Agg backend is used, so no display is needed.
+colour of a 0% rate. Importing this module selects Matplotlib's Agg backend, so no display
+is needed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 90  # enough for text to stay legible; keeps each embedded PNG near 50 kB
+JITTER_SEED = 0  # fixed, so that the same store renders the same figures
 LABEL_CHARS = 24  # longer level names are cut in tick labels so panels do not overlap
 MISSING_COLOUR = "#d9d9d9"
 CLASSES = tuple(range(10))
@@ -50,6 +52,17 @@ def level_palette(factors: dict[str, list[str]]) -> dict[str, dict[str, tuple]]:
 def short_label(text: str, limit: int = LABEL_CHARS) -> str:
     """Cut a level name to ``limit`` characters, ending a cut one with an ellipsis."""
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def _strip(ax: Axes, positions, values: np.ndarray, colour: tuple, rng: np.random.Generator,
+           size: float, label: str | None = None) -> None:
+    """Scatter ``values`` at ``positions`` with a horizontal jitter of +-0.2.
+
+    Seaborn's stripplot draws its jitter from NumPy's global generator, which would make
+    every rendering differ; a generator seeded with JITTER_SEED keeps the PNGs identical.
+    """
+    x = np.asarray(positions, dtype=float) + rng.uniform(-0.2, 0.2, size=len(values))
+    ax.scatter(x, values, s=size, color=colour, label=label, edgecolors="none", zorder=3)
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (5.0, 3.5)) -> Axes:
@@ -129,9 +142,9 @@ def plot_accuracy_by_level(runs: pd.DataFrame, factor: str, levels: list[str],
                            medianprops={"color": "#333333"})
         for i, box in zip(present, boxes["boxes"]):
             box.set_facecolor((*colours[levels[i]], 0.45))
-        sns.stripplot(data=finite, x=factor, y="accuracy", order=levels, hue=factor,
-                      hue_order=levels, palette=colours, size=3, jitter=0.2, legend=False,
-                      ax=ax)
+        rng = np.random.default_rng(JITTER_SEED)
+        for i, group in enumerate(groups):
+            _strip(ax, i, group, colours[levels[i]], rng, size=9)
     ticks = []
     for level in levels:
         group = runs[runs[factor] == level]
@@ -189,17 +202,19 @@ def plot_collapse_anatomy(runs: pd.DataFrame, factor: str | None,
         ax.set_axis_off()
         return ax
     frame = collapsed.assign(collapse_class=collapsed["collapse_class"].astype(int))
-    hue, colours = None, None
+    rng = np.random.default_rng(JITTER_SEED)
+    groups = ([(level, frame[frame[factor] == level]) for level in palette[factor]] if factor
+              else [("", frame)])
+    for level, group in groups:
+        if group.empty:
+            continue
+        colour = palette[factor][level] if factor else sns.color_palette()[0]
+        _strip(ax, group["collapse_class"].to_numpy(), group["collapse_onset"].to_numpy(),
+               colour, rng, size=25, label=short_label(level) if factor else None)
+    ax.set_xticks(range(len(CLASSES)), [str(c) for c in CLASSES])
+    ax.set_xlim(-0.5, len(CLASSES) - 0.5)
     if factor:
-        levels = [level for level in palette[factor] if (frame[factor] == level).any()]
-        frame = frame.assign(level=frame[factor].map(short_label))
-        hue = "level"
-        colours = {short_label(level): palette[factor][level] for level in levels}
-    sns.stripplot(data=frame, x="collapse_class", y="collapse_onset", order=list(CLASSES),
-                  hue=hue, hue_order=list(colours) if colours else None, palette=colours,
-                  jitter=0.25, size=5, ax=ax, legend=bool(hue))
-    if hue and ax.get_legend() is not None:
-        ax.get_legend().set_title(factor)
+        ax.legend(title=factor, fontsize=8, title_fontsize=8)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     latest = frame["collapse_onset"].max()
     ax.set_ylim(-0.5, (latest if np.isfinite(latest) and latest > 1 else 1.0) + 0.5)
@@ -219,7 +234,7 @@ def plot_collapse_confusion(runs: pd.DataFrame, ax: Axes | None = None) -> Axes:
         ax.set_axis_off()
         return ax
     total = np.sum(matrices, axis=0)
-    # Counts under 5% of the largest are left unlabelled so the collapse column stands out.
+    # Counts under 5% of the largest stay unlabelled, so the collapse column is easy to see.
     labels = np.where(total >= total.max() * 0.05, total.astype(int).astype(str), "")
     sns.heatmap(total, cmap="mako_r", annot=labels, fmt="", cbar_kws={"label": "test images"},
                 square=True, ax=ax, annot_kws={"size": 6})

@@ -6,9 +6,9 @@
     for result in evaluate_claims(analysis):
         print(result.claim.statement, result.verdict, result.detail)
 
-A finding calls an effect real only when its 95% interval excludes 0, and says "no
-clear difference" otherwise. Findings are ranked with clear effects first, then by the
-size of the effect in points. The claims are data (:data:`CLAIMS`): each names the runs
+A finding calls an effect real only when its 95% interval excludes 0. Otherwise it
+reads "no clear difference". Findings are ranked with clear effects first, then by the
+size of the effect in points. The claims are data (:data:`CLAIMS`). Each names the runs
 it compares and the rule that turns an interval into a verdict.
 """
 
@@ -43,6 +43,7 @@ LEVEL_NAMES = {("pool", "true"): "max-pooling", ("conv", "true"): "the Conv1d(1,
 # Factors whose level text names itself ("relu runs"); others read as "pool=true runs".
 SELF_NAMED_FACTORS = frozenset({"activation", "init", "loss", "optimizer", "precision"})
 RATE_VERBS = {"converged": "converge", "collapsed": "collapse to one class"}
+RATE_COLUMNS = {"converged": "convergence_rate", "collapsed": "collapse_rate"}
 
 
 def describe_sample(row: dict) -> str:
@@ -90,7 +91,7 @@ def _rate_sentence(row: dict, levels: pd.DataFrame) -> str:
     rates = {}
     for level in (row["treatment"], row["control"]):
         match = levels[(levels["factor"] == factor) & (levels["level"] == level)]
-        rates[level] = match.iloc[0][f"{'convergence' if metric == 'converged' else 'collapse'}_rate"]
+        rates[level] = match.iloc[0][RATE_COLUMNS[metric]]
     first, second = row["treatment"], row["control"]
     if estimate.value < 0:
         # Name the level with the higher rate first, so the difference reads as positive.
@@ -331,6 +332,8 @@ def _evaluate_paired(claim: Claim, subject: Paired, runs: pd.DataFrame) -> Claim
     if treatment.empty or control.empty:
         missing = subject.treatment if treatment.empty else subject.control
         return ClaimResult(claim, NOT_TESTED, None, f"no stored run has {missing}")
+
+    # Two runs pair up when the seed and every other setting agree.
     others = [c for c in settings.columns if c != subject.setting]
     key = settings[others].apply(lambda row: json.dumps(row.tolist(), default=str), axis=1)
     frame = runs.assign(_key=key, _value=metric_values(runs, subject.metric))
@@ -341,11 +344,12 @@ def _evaluate_paired(claim: Claim, subject: Paired, runs: pd.DataFrame) -> Claim
         return ClaimResult(claim, NOT_TESTED, None,
                            f"no two runs with the same seed differ only in {subject.setting}")
     estimate = paired_difference(pairs["_value_t"].to_numpy(), pairs["_value_c"].to_numpy())
-    unit = "accuracy" if subject.metric == "accuracy" else f"{subject.metric} rate"
     if estimate.n == 0:
         return ClaimResult(claim, INCONCLUSIVE, None,
                            f"none of the {len(pairs)} pairs of runs differing only in "
                            f"{subject.setting} has a finite accuracy on both sides")
+
+    unit = "accuracy" if subject.metric == "accuracy" else f"{subject.metric} rate"
     detail = (f"paired difference in {unit} ({subject.treatment} minus {subject.control}): "
               f"{format_points(estimate)} over {estimate.n} paired runs")
     rate = None
@@ -354,10 +358,10 @@ def _evaluate_paired(claim: Claim, subject: Paired, runs: pd.DataFrame) -> Claim
         paired_treatment = pairs.drop_duplicates("run_key_t")
         rate = wilson(int((paired_treatment["_value_t"] > 0).sum()), len(paired_treatment))
         detail += f"; {subject.treatment} {subject.metric} rate {format_rate(rate)}"
-    verdict = claim.rule.verdict(estimate, rate)
     if len(pairs) > estimate.n:
         detail += f"; {len(pairs) - estimate.n} pairs without a finite accuracy left out"
-    return ClaimResult(claim, verdict, estimate, detail + f" ({estimate.method})")
+    return ClaimResult(claim, claim.rule.verdict(estimate, rate), estimate,
+                       detail + f" ({estimate.method})")
 
 
 def _evaluate_pooled(claim: Claim, subject: Pooled, runs: pd.DataFrame) -> ClaimResult:

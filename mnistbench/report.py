@@ -14,6 +14,7 @@ template passes through :func:`escape_markdown`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -121,14 +122,19 @@ def _environment(markdown: bool) -> jinja2.Environment:
     return jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
 
 
+@contextlib.contextmanager
 def _subplot_grid(count: int, width: float = 4.2, height: float = 3.3):
+    """Yield a figure and ``count`` axes, at most SUBPLOTS_PER_ROW per row; close it on exit."""
     columns = min(count, SUBPLOTS_PER_ROW)
     rows = -(-count // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows),
                                 squeeze=False, layout="constrained")
     for extra in axes.flat[count:]:
         extra.set_axis_off()
-    return figure, list(axes.flat[:count])
+    try:
+        yield figure, list(axes.flat[:count])
+    finally:
+        plt.close(figure)
 
 
 def build_figures(analysis: Analysis) -> list[ReportFigure]:
@@ -140,38 +146,40 @@ def build_figures(analysis: Analysis) -> list[ReportFigure]:
     columns = varying[1] if len(varying) > 1 else None
     rendered = []
 
-    figure, axes = _subplot_grid(2, width=5.0, height=0.6 * len(factors[rows]) + 2.2)
-    figures.plot_rate_heatmap(analysis.runs, rows, columns, factors, "converged", ax=axes[0])
-    figures.plot_rate_heatmap(analysis.runs, rows, columns, factors, "collapsed", ax=axes[1])
-    rendered.append(ReportFigure(
-        "rates", "Convergence and collapse rates",
-        f"Share of runs per {rows}" + (f" and {columns}" if columns else "")
-        + ", other factors pooled. Hatched grey: no stored runs.", figures.figure_png(figure)))
+    with _subplot_grid(2, width=5.0, height=0.6 * len(factors[rows]) + 2.2) as (figure, axes):
+        figures.plot_rate_heatmap(analysis.runs, rows, columns, factors, "converged", ax=axes[0])
+        figures.plot_rate_heatmap(analysis.runs, rows, columns, factors, "collapsed", ax=axes[1])
+        rendered.append(ReportFigure(
+            "rates", "Convergence and collapse rates",
+            f"Share of runs per {rows}" + (f" and {columns}" if columns else "")
+            + ", other factors pooled. Hatched grey: no stored runs.",
+            figures.figure_png(figure)))
 
-    figure, axes = _subplot_grid(len(factors))
-    for ax, (factor, levels) in zip(axes, factors.items()):
-        figures.plot_accuracy_by_level(analysis.runs, factor, levels, palette, ax=ax)
-    rendered.append(ReportFigure(
-        "accuracy", "Final accuracy by level",
-        "Box: quartiles; dots: runs. Diverged and crashed runs have no accuracy and are "
-        "counted under each level as \"without\".", figures.figure_png(figure)))
+    with _subplot_grid(len(factors)) as (figure, axes):
+        for ax, (factor, levels) in zip(axes, factors.items()):
+            figures.plot_accuracy_by_level(analysis.runs, factor, levels, palette, ax=ax)
+        rendered.append(ReportFigure(
+            "accuracy", "Final accuracy by level",
+            "Boxes show quartiles and dots show runs. Diverged and crashed runs have no "
+            "accuracy and are counted under each level as \"without\".",
+            figures.figure_png(figure)))
 
-    figure, axes = _subplot_grid(len(factors))
-    for ax, (factor, levels) in zip(axes, factors.items()):
-        figures.plot_learning_curves(analysis.epochs, factor, levels, palette, ax=ax)
-    rendered.append(ReportFigure(
-        "learning_curves", "Learning curves",
-        "Median test accuracy per epoch with the interquartile band; epoch 0 is before "
-        "training.", figures.figure_png(figure)))
+    with _subplot_grid(len(factors)) as (figure, axes):
+        for ax, (factor, levels) in zip(axes, factors.items()):
+            figures.plot_learning_curves(analysis.epochs, factor, levels, palette, ax=ax)
+        rendered.append(ReportFigure(
+            "learning_curves", "Learning curves",
+            "Median test accuracy per epoch with the interquartile band. Epoch 0 is before "
+            "training.", figures.figure_png(figure)))
 
-    figure, axes = _subplot_grid(2, width=5.0, height=4.0)
-    figures.plot_collapse_anatomy(analysis.runs, rows, palette, ax=axes[0])
-    figures.plot_collapse_confusion(analysis.runs, ax=axes[1])
-    rendered.append(ReportFigure(
-        "collapse", "Collapse anatomy",
-        f"Left: the class each collapsed run predicts and the epoch from which its top class "
-        f"share stayed at or above {analysis.collapse_share:.2f}. Right: confusion matrix "
-        f"summed over collapsed runs.", figures.figure_png(figure)))
+    with _subplot_grid(2, width=5.0, height=4.0) as (figure, axes):
+        figures.plot_collapse_anatomy(analysis.runs, rows, palette, ax=axes[0])
+        figures.plot_collapse_confusion(analysis.runs, ax=axes[1])
+        rendered.append(ReportFigure(
+            "collapse", "Collapse anatomy",
+            f"Left: the class each collapsed run predicts and the epoch from which its top "
+            f"class share stayed at or above {analysis.collapse_share:.2f}. Right: confusion "
+            f"matrix summed over collapsed runs.", figures.figure_png(figure)))
     return rendered
 
 
@@ -200,7 +208,7 @@ def _epochs_text(row: dict) -> str:
 
 def cells_table(analysis: Analysis) -> dict:
     """Return the per-cell table: header, rows of strings and the methods of its numbers."""
-    factors = list(analysis.factors)
+    factors = list(analysis.factors) or ["cell_id"]  # a matrix without factors has one cell
     header = [*factors, "runs stored / expected", "outcomes", "accuracy median",
               "accuracy IQM", "accuracy mean", "convergence rate", "collapse rate",
               "divergence rate", "epochs to converge (median)", "collapse classes"]
@@ -220,7 +228,7 @@ def cells_table(analysis: Analysis) -> dict:
         "accuracy_mean": "accuracy mean", "convergence_rate": "rates"})
     methods.append(f"epochs to converge: the first epoch with test accuracy >= "
                    f"{analysis.convergence_accuracy:.2f}; runs that never reach it count as "
-                   f"never (infinite), so the median is never when over half do not")
+                   f"never (infinite), so the median is never when at least half do not")
     return {"title": "Cells", "header": header, "rows": rows, "methods": methods}
 
 
@@ -363,12 +371,12 @@ def write_report(store_path: str | Path, out_dir: str | Path,
     Args:
         store_path: an existing store file.
         out_dir: the output directory, created when missing.
-        ablation: the ablation name; None when the store holds exactly one.
+        ablation: the ablation name; None when the store contains exactly one.
 
     Raises:
         StoreError: the store is missing or unreadable, or the ablation is not in it.
     """
-    with Store(store_path, create=False) as store:
+    with Store(store_path, readonly=True) as store:
         analysis = analyze(store, ablation)
     html, markdown, report_figures = render_report(analysis)
 

@@ -165,16 +165,24 @@ def _pid_alive(pid: int) -> bool:
 class Store:
     """A connection to one store file; create it with ``create=True``."""
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True, readonly: bool = False
+                 ) -> None:
+        """Open a store; ``readonly=True`` opens an existing one without writing to it."""
         self.path = Path(path)
         if not self.path.exists():
-            if not create:
+            if not create or readonly:
                 raise StoreError(
                     f"store not found: {self.path}; run 'mnistbench ablate MATRIX --store "
                     f"{self.path}' first"
                 )
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if readonly:
+                uri = f"file:{self.path.resolve()}?mode=ro"
+                self.connection = sqlite3.connect(uri, uri=True, timeout=60.0,
+                                                  isolation_level=None)
+                self._check_schema_version()
+                return
             self.connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             self.connection.execute("PRAGMA journal_mode=WAL")
             self.connection.execute("PRAGMA synchronous=NORMAL")
@@ -183,6 +191,20 @@ class Store:
         except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot open store {self.path}: {error}; expected an SQLite file "
                              f"written by mnistbench") from error
+
+    def _check_schema_version(self) -> None:
+        try:
+            row = self.connection.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError:
+            row = None
+        if row is None:
+            raise StoreError(f"{self.path} is an SQLite file but not an mnistbench store "
+                             f"(no schema version); expected a store written by "
+                             f"'mnistbench ablate'")
+        if int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"store {self.path} has schema version {row[0]}; this "
+                             f"mnistbench reads version {SCHEMA_VERSION}")
 
     def _create_schema(self) -> None:
         # executescript commits on its own, so it runs outside the transaction below.

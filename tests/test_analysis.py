@@ -87,7 +87,8 @@ def test_planted_pool_effect_returns(pool_analysis):
     differences = pool_analysis.differences
     row = differences[(differences["factor"] == "pool")
                       & (differences["metric"] == "accuracy")].iloc[0]
-    assert (row["treatment"], row["control"]) == ("true", "false")
+    assert row["treatment"] == "true"
+    assert row["control"] == "false"
     assert row["paired"]
     assert row["pairs"] == 2 * SEEDS
     # Collapsed relu runs score 0.3 in both pool levels, so 3 of 20 pairs differ by 0.
@@ -193,11 +194,14 @@ def test_missing_and_diverged_cells_reported(tmp_path):
         analysis = analyze(store)
     cells = analysis.cells.set_index("cell_id")
     missing = cells.loc["width=80"]
-    assert (missing["expected"], missing["stored"]) == (4, 0)
+    assert missing["expected"] == 4
+    assert missing["stored"] == 0
     assert missing["accuracy_median"].n == 0
     assert math.isnan(missing["convergence_rate"].value)
     diverged = cells.loc["width=100"]
-    assert (diverged["stored"], diverged["finite"], diverged["excluded"]) == (4, 0, 4)
+    assert diverged["stored"] == 4
+    assert diverged["finite"] == 0
+    assert diverged["excluded"] == 4
     assert diverged["divergence_rate"].value == 1.0
     assert diverged["accuracy_mean"].n == 0
     notes = data_notes(analysis)
@@ -219,7 +223,8 @@ def test_unpaired_fallback_without_shared_seeds(tmp_path):
     row = analysis.differences.query("metric == 'accuracy'").iloc[0]
     assert not row["paired"]
     assert row["pairs"] == 0
-    assert (row["treatment_runs"], row["control_runs"]) == (4, 4)
+    assert row["treatment_runs"] == 4
+    assert row["control_runs"] == 4
     assert row["estimate"].value == pytest.approx(-7.0, abs=0.5)
     assert row["estimate"].method.startswith("difference of means")
 

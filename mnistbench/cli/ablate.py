@@ -12,22 +12,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from mnistbench.errors import MnistbenchError
-from mnistbench.matrix import Matrix, apply_overrides, load_matrix
-from mnistbench.outcome import RunResult
-from mnistbench.scheduler import (
-    DEFAULT_MAX_STACK_CPU,
-    DEFAULT_MAX_STACK_CUDA,
-    Plan,
-    default_workers,
-    prepare,
-    resolve_device,
-    run_ablation,
-)
-from mnistbench.store import Store
+
+if TYPE_CHECKING:
+    from mnistbench.matrix import Matrix
+    from mnistbench.store import Store
+
+# Modules that import torch are imported inside the functions below, so that
+# `mnistbench --help` and the other subcommands start quickly.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,6 +57,13 @@ def default_store(matrix: Matrix) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mnistbench.matrix import apply_overrides, load_matrix
+    from mnistbench.outcome import RunResult
+    from mnistbench.scheduler import Plan, run_ablation
+    from mnistbench.store import Store
+
     for option, value in (("--workers", args.workers), ("--max-stack", args.max_stack)):
         if value is not None and value < 1:
             raise MnistbenchError(f"{option} must be at least 1; got {value}")
@@ -115,9 +116,18 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace) -> int:
+    from mnistbench.scheduler import (
+        DEFAULT_MAX_STACK_CPU,
+        DEFAULT_MAX_STACK_CUDA,
+        default_workers,
+        prepare,
+        resolve_device,
+    )
+    from mnistbench.store import Store
+
     device = resolve_device(args.device)
     workers = args.workers or default_workers(device)
-    store = Store(store_path, create=False) if store_path.exists() else None
+    store = Store(store_path, readonly=True) if store_path.exists() else None
     max_stack = args.max_stack
     if max_stack is None:
         max_stack = DEFAULT_MAX_STACK_CUDA if device.type == "cuda" else DEFAULT_MAX_STACK_CPU

@@ -79,7 +79,7 @@ def run_check_command(args: argparse.Namespace) -> int:
 
 def run_baseline_save(args: argparse.Namespace) -> int:
     """Write the baseline JSON of one ablation and print what was written."""
-    with Store(args.store, create=False) as store:
+    with Store(args.store, readonly=True) as store:
         name = store.ablation(args.ablation)["name"]
         summary = write_baseline(store, name, args.out)
     runs = sum(len(cell["seeds"]) for cell in summary["cells"])

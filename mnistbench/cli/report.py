@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mnistbench.report import write_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +34,8 @@ def run_report_command(args: argparse.Namespace) -> int:
 
     Store raises StoreError for a missing store file, so no output directory is created.
     """
+    from mnistbench.report import write_report  # imported here: seaborn is slow to import
+
     paths = write_report(args.store, args.out, args.ablation)
     print(paths.html)
     print(paths.markdown)
