@@ -11,13 +11,12 @@ STORE ?= stores/default.sqlite
 REPORT_DIR ?= reports/default
 PYTEST_ARGS ?=
 
-.PHONY: setup data ablate report check baseline test bench bench-gpu chromium clean
+.PHONY: setup data ablate report check baseline test bench bench-gpu system-packages clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
@@ -43,7 +42,7 @@ baseline: data
 	$(BIN)/mnistbench ablate ablations/smoke.yaml --store stores/smoke-baseline.sqlite
 	$(BIN)/mnistbench baseline save stores/smoke-baseline.sqlite --out ablations/baseline-smoke.json
 
-test: data chromium
+test: data system-packages
 	$(BIN)/pytest tests --ignore=tests/benchmarks $(PYTEST_ARGS)
 
 bench: data
@@ -52,13 +51,15 @@ bench: data
 bench-gpu: data
 	MNISTBENCH_BENCH_DEVICE=cuda $(BIN)/pytest tests/benchmarks --benchmark-json=bench/gpu.json $(PYTEST_ARGS)
 
-# Headless Chromium for the report's browser test, from Debian's packages.
-chromium:
-	@if ! command -v chromium >/dev/null 2>&1; then \
+# Debian packages some tests use: headless Chromium for the report's browser test and
+# Fashion-MNIST for the test that reads another dataset in MNIST's layout.
+SYSTEM_PACKAGES := chromium chromium-driver dataset-fashion-mnist
+system-packages:
+	@if ! command -v chromium >/dev/null 2>&1 || [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+			apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 		else \
-			echo "chromium is missing: run 'sudo apt-get install chromium chromium-driver'"; exit 1; \
+			echo "missing Debian packages: run 'sudo apt-get install $(SYSTEM_PACKAGES)'"; exit 1; \
 		fi; \
 	fi
 

@@ -8,6 +8,8 @@ thread each, since that keeps every core busy and the runs deterministic) or tra
 them in this process (GPU), and writes each finished stack to the store in one
 transaction. Runs this process is about to train are claimed in the store first, so
 a second ``ablate`` on the same store trains other runs instead of the same ones.
+With ``backend="ray"`` the stacks become Ray tasks on a cluster instead, and with a
+``shard`` only that shard's runs train (see ``mnistbench.distributed``).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 import multiprocessing
+from typing import TYPE_CHECKING
 
 import torch
 
 from mnistbench.data import load_dataset
+from mnistbench.distributed import BACKENDS, Shard
 from mnistbench.engine import DeviceData, Member, train_stack
 from mnistbench.errors import MnistbenchError
 from mnistbench.matrix import Cell, Criteria, Matrix
@@ -36,6 +40,9 @@ from mnistbench.model import structure_of
 from mnistbench.outcome import RunResult
 from mnistbench.provenance import device_name, provenance
 from mnistbench.store import Store, run_key
+
+if TYPE_CHECKING:
+    from mnistbench.distributed import RayCluster
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,14 @@ class Plan:
     stacks: list[list[Member]]
     device: str
     workers: int
+    shard: Shard | None = None  # the part of the matrix this process trains; None for all
+
+    @property
+    def assigned(self) -> list[tuple[Cell, int, str]]:
+        """Return ``keyed`` restricted to this process's shard."""
+        if self.shard is None:
+            return self.keyed
+        return [entry for entry in self.keyed if self.shard.contains(entry[2])]
 
 
 @dataclass(frozen=True)
@@ -294,6 +309,11 @@ def _run_in_workers(stacks: list[list[Member]], matrix: Matrix, data_dir: str | 
                 f"the same ablate command again resumes with the rest"
             ) from None
         except BaseException:
-            for future in futures:
-                future.cancel()
+            # Interrupted (Ctrl-C, SIGTERM) or failed: stop the workers now instead of
+            # letting the executor wait for the stacks they are training.
+            # NOTE: ProcessPoolExecutor has no public way to end running tasks, so this
+            # reaches into its process table.
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
             raise
