@@ -4,14 +4,15 @@
     results = train_stack([Member(key, seed, settings), ...], data, Criteria(), provenance)
 
 Data stays on the training device as uint8 and batches are built by indexing; there
-is no DataLoader and no per-sample Python. Runs are grouped into one
-:class:`~mnistbench.model.SeedBlock` per seed index, because runs of one seed see the
-same batches. Each run's loss is its own batch mean and the stack minimizes their
+is no DataLoader and no per-sample Python. Runs are arranged in a
+:class:`~mnistbench.model.Block` of seeds x runs per seed, because runs of one seed see
+the same batches. Each run's loss is its own batch mean and the stack minimizes their
 sum, so every run receives exactly its own gradient. The optimizers are written out
 per member so that learning rate, momentum and weight decay may differ per run.
 
-A run that turns non-finite is frozen (weights zeroed, learning rate 0) so that it
-cannot disturb anything, and it is reported as diverged; its batch-mates go on.
+A run whose loss or weights turn non-finite is frozen: its weights are zeroed and its
+learning rate set to 0, so it cannot disturb anything. It is reported as diverged,
+and its batch-mates go on.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from mnistbench.data import Dataset
 from mnistbench.matrix import Criteria, Settings
-from mnistbench.model import IMAGE_PIXELS, NUM_CLASSES, SeedBlock, member_losses, structure_of
+from mnistbench.model import IMAGE_PIXELS, NUM_CLASSES, Block, member_losses, structure_of
 from mnistbench.outcome import EpochRecord, RunResult, outcome_of_counts
 from mnistbench.seeds import generator
 
@@ -41,8 +42,8 @@ EVAL_ELEMENTS = 16_000_000
 ADAM_BETAS = (0.9, 0.999)  # PyTorch's defaults
 ADAM_EPS = 1e-8  # PyTorch's default
 SATURATION_MARGIN = 0.01  # sigmoid/tanh outputs this close to a bound count as saturated
-# The gradient norm is measured on every this many steps (the first step of an epoch
-# included); measuring every step costs about 7% of training time for an MLP.
+# The gradient norm is measured on every this many steps, starting with an epoch's
+# first step. Measuring it on every step costs about 7% of an MLP's training time.
 GRAD_NORM_EVERY = 10
 
 
@@ -90,7 +91,7 @@ class DeviceData:
 class _Optimizer:
     """SGD (with momentum) or Adam over a block's parameters, hyperparameters per member."""
 
-    def __init__(self, block: SeedBlock, kind: str) -> None:
+    def __init__(self, block: Block, kind: str) -> None:
         self.block = block
         self.kind = kind
         device = block.device
@@ -142,41 +143,42 @@ class _Optimizer:
         self.lr[members] = 0.0
         self.refresh_lr()
         for name, param in self.block.params.items():
-            self.block.member_view(name)[members] = 0.0
+            self.block.zero_members(name, param, members)
             if param.grad is not None:
-                self.block.member_view(name, param.grad)[members] = 0.0
+                self.block.zero_members(name, param.grad, members)
             for key in ("buffer", "m", "v"):
                 if key in self.state[name]:
-                    self.block.member_view(name, self.state[name][key])[members] = 0.0
+                    self.block.zero_members(name, self.state[name][key], members)
 
 
-def _grad_norms(block: SeedBlock) -> torch.Tensor:
-    """Global gradient norm of each member: ``(V,)``."""
+def _grad_norms(block: Block) -> torch.Tensor:
+    """Global gradient norm of each member: ``(M,)``."""
     total = torch.zeros(block.members, device=block.device)
     for name, param in block.params.items():
-        view = block.member_view(name, param.grad)
-        total += view.pow(2).reshape(block.members, -1).sum(dim=1)
+        total += block.member_sums(name, param.grad.pow(2))
     return total.sqrt()
 
 
-def _weights_finite(block: SeedBlock) -> torch.Tensor:
-    """Whether every weight of each member is finite: ``(V,)`` bool."""
-    finite = torch.ones(block.members, dtype=torch.bool, device=block.device)
+def _weights_finite(block: Block) -> torch.Tensor:
+    """Check that every weight of each member is finite; returns ``(M,)`` bool."""
+    bad = torch.zeros(block.members, device=block.device)
     for name, param in block.params.items():
-        view = block.member_view(name, param.detach())
-        finite &= torch.isfinite(view).reshape(block.members, -1).all(dim=1)
-    return finite
+        bad += block.member_sums(name, (~torch.isfinite(param.detach())).float())
+    return bad == 0
 
 
 @torch.no_grad()
-def evaluate(block: SeedBlock, images: torch.Tensor, labels: torch.Tensor, activation: str,
+def evaluate(block: Block, images: torch.Tensor, labels: torch.Tensor, activation: str,
              *, confusion: bool = False) -> dict[str, torch.Tensor]:
     """Evaluate every member of a block on a labelled set.
 
+    Args:
+        images: uint8 ``(N, 784)``; labels: int64 ``(N,)``.
+
     Returns:
-        ``accuracy`` (V,), ``counts`` (V, 10) predictions per class, ``unit_fraction``
-        (V,) dead units (relu, gelu) or saturated activations (sigmoid, tanh), and with
-        ``confusion=True`` also ``confusion`` (V, 10, 10), rows true class.
+        ``accuracy`` (M,), ``counts`` (M, 10) predictions per class, ``unit_fraction``
+        (M,) dead units (relu, gelu) or saturated activations (sigmoid, tanh), and with
+        ``confusion=True`` also ``confusion`` (M, 10, 10), rows true class.
     """
     members, width = block.members, block.width
     chunk = max(1, EVAL_ELEMENTS // (members * width))
@@ -188,7 +190,7 @@ def evaluate(block: SeedBlock, images: torch.Tensor, labels: torch.Tensor, activ
     offsets = torch.arange(members, device=block.device)[:, None]
     for start in range(0, labels.shape[0], chunk):
         x, y = images[start:start + chunk], labels[start:start + chunk]
-        logits, pre = block.forward(x)
+        logits, pre = block.forward(x.expand(block.seed_count, *x.shape))
         predicted = logits.argmax(dim=-1)  # (V, C)
         correct += (predicted == y[None]).sum(dim=1)
         counts += torch.bincount((offsets * NUM_CLASSES + predicted).flatten(),
@@ -219,11 +221,17 @@ def evaluate(block: SeedBlock, images: torch.Tensor, labels: torch.Tensor, activ
 
 
 def _blocks_by_seed(members: Sequence[Member]) -> list[list[int]]:
-    """Group member positions by seed index, in order of first appearance."""
-    groups: dict[int, list[int]] = {}
+    """Arrange member positions into blocks of seeds x runs per seed, seed-major.
+
+    Seeds with the same number of runs share a block; a full matrix gives one block.
+    """
+    by_seed: dict[int, list[int]] = {}
     for position, member in enumerate(members):
-        groups.setdefault(member.seed, []).append(position)
-    return list(groups.values())
+        by_seed.setdefault(member.seed, []).append(position)
+    by_size: dict[int, list[int]] = {}
+    for seed, positions in by_seed.items():
+        by_size.setdefault(len(positions), []).append(seed)
+    return [[p for seed in seeds for p in by_seed[seed]] for seeds in by_size.values()]
 
 
 def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
@@ -253,11 +261,12 @@ def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
     torch.set_flush_denormal(True)
     first = members[0].settings
     groups = _blocks_by_seed(members)
-    blocks = [SeedBlock([members[i].settings for i in g], members[g[0]].seed, device)
-              for g in groups]
+    blocks = [Block([members[i].settings for i in g],
+                    list(dict.fromkeys(members[i].seed for i in g)), device) for g in groups]
     optimizers = [_Optimizer(block, first.optimizer) for block in blocks]
-    data_streams = [generator(block.seed, "data") for block in blocks]
-    dropout_streams = [generator(block.seed, "dropout", device) for block in blocks]
+    data_streams = [[generator(seed, "data") for seed in block.seeds] for block in blocks]
+    dropout_streams = [[generator(seed, "dropout", device) for seed in block.seeds]
+                       for block in blocks]
     subset = data.subset_indexes(first.train_subset)
     train_size = data.train_labels.shape[0] if subset is None else subset.shape[0]
     history: list[list[EpochRecord]] = [[] for _ in members]
@@ -277,7 +286,8 @@ def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
 
         # Epoch 0 only evaluates the initial weights; every later epoch trains first.
         if epoch > 0:
-            orders = [torch.randperm(train_size, generator=g).to(device) for g in data_streams]
+            orders = [torch.stack([torch.randperm(train_size, generator=g) for g in streams])
+                      .to(device) for streams in data_streams]  # each (S, train size)
             if subset is not None:
                 orders = [subset[order] for order in orders]
             for start in range(0, train_size, first.batch_size):
@@ -285,14 +295,17 @@ def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
                 losses_per_block = []
                 total = torch.zeros((), device=device)
                 with autocast:
-                    for block, order, dropout_stream in zip(blocks, orders, dropout_streams):
-                        index = order[start:start + first.batch_size]
+                    for block, order, streams in zip(blocks, orders, dropout_streams):
+                        index = order[:, start:start + first.batch_size]  # (S, B)
                         uniform = None
                         if block.uses_dropout:
-                            uniform = torch.rand(index.shape[0], block.width, device=device,
-                                                 generator=dropout_stream)
+                            uniform = torch.stack([
+                                torch.rand(index.shape[1], block.width, device=device,
+                                           generator=stream) for stream in streams])
                         logits, _ = block.forward(data.train_images[index], uniform)
-                        losses = member_losses(logits, data.train_labels[index], first.loss)
+                        labels = data.train_labels[index][:, None, :].expand(
+                            block.seed_count, block.variants, index.shape[1])
+                        losses = member_losses(logits, labels.flatten(0, 1), first.loss)
                         losses_per_block.append(losses)
                         total = total + losses.sum()
                 for block in blocks:
@@ -333,7 +346,7 @@ def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
                     elapsed / len(members))
 
 
-def _record_epoch(history: list[list[EpochRecord]], group: list[int], block: SeedBlock,
+def _record_epoch(history: list[list[EpochRecord]], group: list[int], block: Block,
                   epoch: int, steps: int, loss_sums: torch.Tensor, norm_sums: torch.Tensor,
                   diverged: torch.Tensor, result: dict, seconds: float, activation: str) -> None:
     accuracy = result["accuracy"].tolist()
@@ -348,9 +361,15 @@ def _record_epoch(history: list[list[EpochRecord]], group: list[int], block: See
         if records and records[-1].nonfinite:
             continue  # diverged in an earlier epoch: nothing more to record
         nonfinite = bool(diverged[v])
+        if epoch == 0:
+            train_loss = None
+        elif nonfinite:
+            train_loss = math.nan
+        else:
+            train_loss = losses[v]
         records.append(EpochRecord(
             epoch=epoch,
-            train_loss=None if epoch == 0 else (math.nan if nonfinite else losses[v]),
+            train_loss=train_loss,
             test_accuracy=math.nan if nonfinite else accuracy[v],
             prediction_counts=tuple(counts[v]),
             dead_fraction=unit_fraction[v] if dead and not nonfinite else None,

@@ -8,17 +8,18 @@ The model of one run is
 on the flattened 784-pixel image, where ``n`` is 784, 782 after the convolution, and
 half of that after pooling.
 
-A :class:`SeedBlock` holds ``V`` runs ("members") that share a seed index and the
-model structure but may differ in init, learning rate, momentum, weight decay and
-dropout. Because they share a seed they see the same batches, so without the
-convolution front the first layer of all members is one wide matmul
-``(batch, n) @ (n, V * width)``. With the front every member has its own input and
-the first layer is a batched matmul ``(V, batch, n) @ (V, n, width)``. The
-convolution is written as three shifted multiply-adds, which costs far less than
-``nn.Conv1d`` for a single 3-tap filter.
+A :class:`Block` holds ``M = S x V`` runs ("members"): ``V`` runs for each of ``S``
+seed indexes, all of one model structure, which may differ in init, learning rate,
+momentum, weight decay and dropout. Runs of one seed see the same batches, so
+without the convolution front the first layer of a seed's runs is one wide matmul
+``(batch, n) @ (n, V * width)``, and all seeds together one batched matmul
+``(S, batch, n) @ (S, n, V * width)``. With the front every run has its own input and
+the first layer is ``(M, batch, n) @ (M, n, width)``. The convolution is written as
+three shifted multiply-adds, which costs far less than ``nn.Conv1d`` for a single
+3-tap filter.
 
-    block = SeedBlock(members_settings, seed=0, device="cpu")
-    logits, hidden = block.forward(images_uint8)    # (V, batch, 10), (V, batch, width)
+    block = Block(members_settings, seeds=[0, 1], device="cpu")
+    logits, pre = block.forward(images_uint8)    # (M, batch, 10), (M, batch, width)
 """
 
 from __future__ import annotations
@@ -103,96 +104,124 @@ def init_member(settings: Settings, seed: int) -> dict[str, torch.Tensor]:
     return params
 
 
-class SeedBlock:
-    """Parameters and forward pass of ``V`` runs that share a seed and a structure."""
+class Block:
+    """Parameters and forward pass of ``S`` seeds x ``V`` runs that share a structure.
 
-    def __init__(self, settings: Sequence[Settings], seed: int, device: torch.device | str
-                 ) -> None:
+    Member ``m = s * V + v`` is run ``v`` of seed ``seeds[s]``. Every seed has the same
+    number of runs, so all seeds train in the same batched matmuls: the per-operation
+    cost of the Python loop is paid once per step, not once per seed.
+    """
+
+    def __init__(self, settings: Sequence[Settings], seeds: Sequence[int],
+                 device: torch.device | str) -> None:
         structures = {structure_of(s) for s in settings}
         assert len(structures) == 1, f"a block needs one structure; got {len(structures)}"
+        assert len(settings) % len(seeds) == 0, (
+            f"{len(settings)} runs cannot be split evenly over {len(seeds)} seeds")
         self.settings = list(settings)
-        self.seed = seed
+        self.seeds = list(seeds)
         self.device = torch.device(device)
         first = self.settings[0]
         self.members = len(self.settings)
+        self.seed_count = len(self.seeds)
+        self.variants = self.members // self.seed_count
         self.width = first.width
         self.conv = first.conv
         self.pool = first.pool
         self.activation = ACTIVATIONS[first.activation]
         self.features = first.input_features()
-        drawn = [init_member(s, seed) for s in self.settings]
+        drawn = [init_member(s, self.seeds[m // self.variants])
+                 for m, s in enumerate(self.settings)]
         self.params: dict[str, torch.Tensor] = {}
         if self.conv:
-            self.params["conv_weight"] = torch.stack([d["conv_weight"] for d in drawn])  # (V, 3)
-            self.params["conv_bias"] = torch.stack([d["conv_bias"] for d in drawn])  # (V, 1)
-            self.params["weight1"] = torch.stack([d["weight1"] for d in drawn])  # (V, n, H)
+            self.params["conv_weight"] = torch.stack([d["conv_weight"] for d in drawn])  # (M, 3)
+            self.params["conv_bias"] = torch.stack([d["conv_bias"] for d in drawn])  # (M, 1)
+            self.params["weight1"] = torch.stack([d["weight1"] for d in drawn])  # (M, n, H)
         else:
-            # (n, V * H): member v owns columns v*H .. (v+1)*H - 1.
-            self.params["weight1"] = torch.cat([d["weight1"] for d in drawn], dim=1)
-        self.params["bias1"] = torch.stack([d["bias1"] for d in drawn])  # (V, H)
-        self.params["weight2"] = torch.stack([d["weight2"] for d in drawn])  # (V, H, 10)
-        self.params["bias2"] = torch.stack([d["bias2"] for d in drawn])  # (V, 10)
+            # (S, n, V * H): run v of seed s owns columns v*H .. (v+1)*H - 1 of slice s.
+            per_seed = [torch.cat([d["weight1"] for d in drawn[s * self.variants:
+                                                              (s + 1) * self.variants]], dim=1)
+                        for s in range(self.seed_count)]
+            self.params["weight1"] = torch.stack(per_seed)
+        self.params["bias1"] = torch.stack([d["bias1"] for d in drawn])  # (M, H)
+        self.params["weight2"] = torch.stack([d["weight2"] for d in drawn])  # (M, H, 10)
+        self.params["bias2"] = torch.stack([d["bias2"] for d in drawn])  # (M, 10)
         for name, tensor in self.params.items():
             self.params[name] = tensor.contiguous().to(self.device).requires_grad_(True)
         self.dropout = torch.tensor([s.dropout for s in self.settings], device=self.device)
         self.uses_dropout = bool((self.dropout > 0).any())
 
-    def member_view(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """Return a view of a parameter (or its gradient) with the member dimension first."""
-        tensor = self.params[name] if tensor is None else tensor
-        if name == "weight1" and not self.conv:
-            return tensor.view(self.features, self.members, self.width).transpose(0, 1)
-        return tensor
+    def _shared_weight1(self, name: str) -> bool:
+        return name == "weight1" and not self.conv
+
+    def member_sums(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a parameter-shaped tensor over everything but the member: ``(M,)``."""
+        if self._shared_weight1(name):
+            view = tensor.view(self.seed_count, self.features, self.variants, self.width)
+            return view.sum(dim=(1, 3)).reshape(self.members)
+        return tensor.reshape(self.members, -1).sum(dim=1)
+
+    def zero_members(self, name: str, tensor: torch.Tensor, members: torch.Tensor) -> None:
+        """Set the entries of the given members (a ``(M,)`` bool mask) to zero, in place."""
+        if self._shared_weight1(name):
+            view = tensor.view(self.seed_count, self.features, self.variants, self.width)
+            view.permute(0, 2, 1, 3)[members.view(self.seed_count, self.variants)] = 0.0
+        else:
+            tensor[members] = 0.0
 
     def broadcast(self, name: str, per_member: torch.Tensor) -> torch.Tensor:
-        """Shape a ``(V,)`` tensor to broadcast against a parameter in its stored layout."""
-        tensor = self.params[name]
-        if name == "weight1" and not self.conv:
-            return per_member.repeat_interleave(self.width).view(1, -1)
-        return per_member.view(-1, *([1] * (tensor.dim() - 1)))
+        """Shape a ``(M,)`` tensor to broadcast against a parameter in its stored layout."""
+        if self._shared_weight1(name):
+            columns = per_member.view(self.seed_count, self.variants)
+            return columns.repeat_interleave(self.width, dim=1).view(self.seed_count, 1, -1)
+        return per_member.view(-1, *([1] * (self.params[name].dim() - 1)))
 
     def first_layer_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Map a batch of uint8 images ``(B, 784)`` to the first Linear's input.
+        """Map uint8 images ``(S, B, 784)`` to the first Linear's input.
 
         Returns:
-            ``(B, n)`` shared by all members without the front, else ``(V, B, n)``.
+            ``(S, B, n)`` shared by each seed's runs without the front, else ``(M, B, n)``.
         """
         x = images.to(torch.float32) * (1.0 / 255.0)
         if self.conv:
-            w = self.params["conv_weight"][:, :, None, None]  # (V, 3, 1, 1)
-            b = self.params["conv_bias"][:, :, None]  # (V, 1, 1)
-            x = (w[:, 0] * x[None, :, :-2] + w[:, 1] * x[None, :, 1:-1]
-                 + w[:, 2] * x[None, :, 2:] + b)  # (V, B, 782)
-            x = self.activation(x)
+            shape = (self.seed_count, self.variants, 1, 1)
+            w = self.params["conv_weight"]
+            b = self.params["conv_bias"].view(shape)
+            x = x[:, None]  # (S, 1, B, 784)
+            x = (w[:, 0].view(shape) * x[..., :-2] + w[:, 1].view(shape) * x[..., 1:-1]
+                 + w[:, 2].view(shape) * x[..., 2:] + b)  # (S, V, B, 782)
+            x = self.activation(x.flatten(0, 1))  # (M, B, 782)
         if self.pool:
             length = x.shape[-1] // 2 * 2
             x = x[..., :length].unflatten(-1, (length // 2, 2)).amax(dim=-1)
         return x
 
     def hidden_preactivation(self, first_input: torch.Tensor) -> torch.Tensor:
-        """First Linear layer: returns ``(V, B, H)``."""
+        """First Linear layer: returns ``(M, B, H)``."""
         bias = self.params["bias1"][:, None, :]
         if self.conv:
             return torch.baddbmm(bias, first_input, self.params["weight1"])
-        batch = first_input.shape[0]
-        wide = first_input @ self.params["weight1"]  # (B, V * H)
-        return wide.view(batch, self.members, self.width).transpose(0, 1) + bias
+        batch = first_input.shape[1]
+        wide = torch.bmm(first_input, self.params["weight1"])  # (S, B, V * H)
+        wide = wide.view(self.seed_count, batch, self.variants, self.width).transpose(1, 2)
+        return wide.reshape(self.members, batch, self.width) + bias
 
     def forward(self, images: torch.Tensor, dropout_uniform: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compute logits ``(V, B, 10)`` and hidden pre-activations ``(V, B, H)``.
+        """Compute logits ``(M, B, 10)`` and hidden pre-activations ``(M, B, H)``.
 
         Args:
-            images: uint8 ``(B, 784)``.
-            dropout_uniform: uniform draws ``(B, H)`` shared by the block (training
-                only); member v drops a unit where the draw is below its probability.
+            images: uint8 ``(S, B, 784)``, each seed's batch.
+            dropout_uniform: uniform draws ``(S, B, H)``, one per seed (training only);
+                a run drops a unit where its seed's draw is below its probability.
         """
         pre = self.hidden_preactivation(self.first_layer_input(images))
         hidden = self.activation(pre)
         if dropout_uniform is not None and self.uses_dropout:
-            p = self.dropout[:, None, None]
-            keep = (dropout_uniform[None] >= p).to(hidden.dtype) / (1.0 - p)
-            hidden = hidden * keep
+            batch = pre.shape[1]
+            p = self.dropout.view(self.seed_count, self.variants, 1, 1)
+            keep = (dropout_uniform[:, None] >= p).to(hidden.dtype) / (1.0 - p)
+            hidden = hidden * keep.view(self.members, batch, self.width)
         logits = torch.baddbmm(self.params["bias2"][:, None, :], hidden, self.params["weight2"])
         return logits, pre
 
@@ -201,31 +230,34 @@ def member_losses(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torc
     """Mean loss over the batch for each member.
 
     Args:
-        logits: ``(V, B, 10)``.
-        labels: int64 ``(B,)``.
+        logits: ``(M, B, 10)``.
+        labels: int64 ``(M, B)``, or ``(B,)`` shared by all members.
         loss: ``cross_entropy`` or ``mse`` (mean squared error against one-hot targets,
             averaged over batch and classes like ``nn.MSELoss``).
 
     Returns:
-        ``(V,)`` float32.
+        ``(M,)`` float32.
     """
     members, batch, classes = logits.shape
-    if labels.dim() != 1 or labels.shape[0] != batch:
+    if labels.dim() == 1 and labels.shape[0] == batch:
+        labels = labels.expand(members, batch)
+    if labels.shape != (members, batch):
         raise ValueError(
             f"labels of shape {tuple(labels.shape)} do not match logits of shape "
-            f"{tuple(logits.shape)}; expected labels of shape ({batch},)"
+            f"{tuple(logits.shape)}; expected labels of shape ({batch},) or "
+            f"({members}, {batch})"
         )
     logits = logits.float()
     if loss == "cross_entropy":
         log_probs = torch.log_softmax(logits, dim=-1)
-        picked = log_probs.gather(-1, labels.view(1, batch, 1).expand(members, batch, 1))
+        picked = log_probs.gather(-1, labels[..., None])
         return -picked.squeeze(-1).mean(dim=1)
     if loss == "mse":
-        target = F.one_hot(labels, classes).to(logits.dtype)  # (B, 10)
-        if target.shape != logits.shape[1:]:
+        target = F.one_hot(labels, classes).to(logits.dtype)  # (M, B, 10)
+        if target.shape != logits.shape:
             raise ValueError(
                 f"one-hot target of shape {tuple(target.shape)} does not match output of "
-                f"shape {tuple(logits.shape[1:])}; MSE never broadcasts a mismatch"
+                f"shape {tuple(logits.shape)}; MSE never broadcasts a mismatch"
             )
-        return (logits - target[None]).pow(2).mean(dim=(1, 2))
+        return (logits - target).pow(2).mean(dim=(1, 2))
     raise ValueError(f"unknown loss {loss!r}; expected cross_entropy or mse")

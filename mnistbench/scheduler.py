@@ -52,7 +52,7 @@ DEFAULT_MAX_STACK_CUDA = 1024  # a GPU needs wide stacks to fill its cores
 
 @dataclass(frozen=True)
 class Plan:
-    """What ``ablate`` will do: all runs, the ones still to train, and their stacks."""
+    """The work of one ``ablate`` call: all runs, the ones still to train, and their stacks."""
 
     keyed: list[tuple[Cell, int, str]]  # (cell, seed, run key) for every run of the matrix
     pending: list[Member]
@@ -71,9 +71,9 @@ class Plan:
 
 @dataclass(frozen=True)
 class Summary:
-    """What one ``ablate`` call did."""
+    """Counts of what one ``ablate`` call trained and skipped."""
 
-    total_runs: int
+    total_runs: int  # runs of the matrix in this process's shard; all runs without one
     already_finished: int
     trained: int
     claimed_elsewhere: int
@@ -98,7 +98,7 @@ def resolve_device(requested: str | None) -> torch.device:
 
 
 def default_workers(device: torch.device) -> int:
-    """One worker process per usable core on the CPU; one process on a GPU."""
+    """Return the default worker count: one per usable core on the CPU, one on a GPU."""
     if device.type != "cpu":
         return 1
     try:
@@ -219,54 +219,97 @@ def _train_in_worker(stack: list[Member]) -> list[RunResult]:
 
 
 def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, workers: int,
-            max_stack: int, data_dir: str | None = None) -> tuple[Plan, DeviceData]:
-    """Load the data, key every run and plan the stacks of the runs not yet in the store."""
+            max_stack: int, data_dir: str | None = None, shard: Shard | None = None,
+            cluster: RayCluster | None = None) -> tuple[Plan, DeviceData]:
+    """Load the data, key every run and plan the stacks of the runs not yet in the store.
+
+    With a ``shard``, only that shard's runs are pending. With a Ray ``cluster``, the
+    data stays on this machine's CPU, because the cluster's workers train.
+    """
     dataset = load_dataset(matrix.dataset, data_dir)
     keyed = key_runs(matrix, dataset.md5, device)
     finished = store.finished_keys() if store is not None else set()
     pending = [Member(key, seed, cell.settings) for cell, seed, key in keyed
-               if key not in finished]
+               if key not in finished and (shard is None or shard.contains(key))]
     stacks = plan_stacks(pending, max_stack, workers)
-    plan = Plan(keyed, pending, stacks, device_name(device), workers)
-    return plan, DeviceData.from_dataset(dataset, device)
+    if cluster is None:
+        plan = Plan(keyed, pending, stacks, device_name(device), workers, shard)
+        return plan, DeviceData.from_dataset(dataset, device)
+    plan = Plan(keyed, pending, stacks, cluster.describe(device), workers, shard)
+    return plan, DeviceData.from_dataset(dataset, "cpu")
 
 
 def run_ablation(matrix: Matrix, store: Store, *, device: str | None = None,
                  workers: int | None = None, max_stack: int | None = None,
                  data_dir: str | None = None,
                  on_stack: Callable[[list[RunResult]], None] | None = None,
-                 on_plan: Callable[[Plan], None] | None = None) -> Summary:
-    """Train every run of the matrix that the store does not hold yet.
+                 on_plan: Callable[[Plan], None] | None = None,
+                 backend: str = "local", address: str | None = None,
+                 shard: Shard | None = None) -> Summary:
+    """Train every run of the matrix (or of one shard) that the store does not hold yet.
 
     Args:
         matrix: the validated matrix.
         store: where results go; the resolved matrix is stored before training.
-        device: "auto" (default), "cpu", "cuda" or "cuda:N".
-        workers: CPU worker processes; default one per core (1 on a GPU).
+        device: "auto" (default), "cpu", "cuda" or "cuda:N" ("cuda:N" not with Ray).
+        workers: CPU worker processes; default one per core (1 on a GPU). With Ray, the
+            number of stacks to split the runs into at least; default the cluster's
+            GPUs, else its CPUs.
         max_stack: most runs trained together; default 64 on CPU, 1024 on a GPU.
         data_dir: dataset cache directory (default: see ``mnistbench.data.cache_dir``).
         on_stack: called with each stack's results after they are stored.
         on_plan: called once with the plan before training starts.
+        backend: "local" (this machine) or "ray" (one Ray task per stack).
+        address: the Ray cluster for backend "ray"; default: one that ``ray start``
+            started on this machine, else a new one for this process.
+        shard: train only this shard's runs; the store still records the whole matrix.
     """
-    torch_device = resolve_device(device)
-    workers = workers or default_workers(torch_device)
+    if backend not in BACKENDS:
+        raise MnistbenchError(f"unknown backend {backend!r}; expected one of "
+                              f"{', '.join(BACKENDS)}")
+    if backend == "local":
+        if address is not None:
+            raise MnistbenchError(f"--address {address} applies only to --backend ray")
+        return _run_ablation(matrix, store, device, workers, max_stack, data_dir, on_stack,
+                             on_plan, shard, None)
+    from mnistbench.distributed import RayCluster
+
+    cluster = RayCluster(address)
+    try:
+        return _run_ablation(matrix, store, device, workers, max_stack, data_dir, on_stack,
+                             on_plan, shard, cluster)
+    finally:
+        cluster.shutdown()
+
+
+def _run_ablation(matrix: Matrix, store: Store, device: str | None, workers: int | None,
+                  max_stack: int | None, data_dir: str | None,
+                  on_stack: Callable[[list[RunResult]], None] | None,
+                  on_plan: Callable[[Plan], None] | None, shard: Shard | None,
+                  cluster: RayCluster | None) -> Summary:
+    if cluster is None:
+        torch_device = resolve_device(device)
+        workers = workers or default_workers(torch_device)
+    else:
+        torch_device = cluster.resolve_device(device)
+        workers = workers or cluster.slots(torch_device)
     if workers < 1:
         raise MnistbenchError(f"--workers must be at least 1; got {workers}")
     if max_stack is None:
         max_stack = DEFAULT_MAX_STACK_CUDA if torch_device.type == "cuda" else DEFAULT_MAX_STACK_CPU
     plan, data = prepare(matrix, store, device=torch_device, workers=workers,
-                         max_stack=max_stack, data_dir=data_dir)
+                         max_stack=max_stack, data_dir=data_dir, shard=shard, cluster=cluster)
     store.save_ablation(matrix, plan.keyed)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     claimed = set(store.claim([m.run_key for m in plan.pending], owner))
     mine = [m for m in plan.pending if m.run_key in claimed]
-    already_finished = len(plan.keyed) - len(plan.pending)
+    already_finished = len(plan.assigned) - len(plan.pending)
     claimed_elsewhere = len(plan.pending) - len(mine)
     if claimed_elsewhere:
         logger.info("%d runs are being trained by another process on this store; skipping them",
                     claimed_elsewhere)
     stacks = plan_stacks(mine, max_stack, workers) if mine else []
-    plan = Plan(plan.keyed, mine, stacks, plan.device, workers)
+    plan = Plan(plan.keyed, mine, stacks, plan.device, workers, shard)
     if on_plan is not None:
         on_plan(plan)
     info = provenance(data.md5)
@@ -280,14 +323,16 @@ def run_ablation(matrix: Matrix, store: Store, *, device: str | None = None,
             on_stack(results)
 
     try:
-        if workers == 1 or torch_device.type != "cpu" or len(stacks) <= 1:
+        if cluster is not None:
+            cluster.train(stacks, data, matrix.criteria, torch_device, info, finish)
+        elif workers == 1 or torch_device.type != "cpu" or len(stacks) <= 1:
             for stack in stacks:
                 finish(train_safely(stack, data, matrix.criteria, info, torch_device))
         else:
             _run_in_workers(stacks, matrix, data_dir, info, workers, finish)
     finally:
         store.release(owner)
-    return Summary(total_runs=len(plan.keyed), already_finished=already_finished,
+    return Summary(total_runs=len(plan.assigned), already_finished=already_finished,
                    trained=len(mine), claimed_elsewhere=claimed_elsewhere, crashed=crashed)
 
 

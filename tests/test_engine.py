@@ -180,9 +180,9 @@ def test_cross_entropy_matches_torch() -> None:
 def test_stacked_model_matches_torch_modules() -> None:
     """The stacked forward pass equals nn.Conv1d -> act -> max_pool1d -> nn.Linear layers."""
     settings = replace(BASE, conv=True, pool=True, activation="tanh", width=16)
-    block = model_module.SeedBlock([settings, replace(settings, init="xavier")], 0, "cpu")
+    block = model_module.Block([settings, replace(settings, init="xavier")], [0], "cpu")
     images = band_dataset(train_size=10, test_size=10).test_images
-    logits, _ = block.forward(images)
+    logits, _ = block.forward(images[None])
     for v in range(2):
         conv = torch.nn.Conv1d(1, 1, 3)
         first = torch.nn.Linear(391, 16)
