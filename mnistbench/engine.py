@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 # Train subsets are drawn once from this fixed stream, so every run with the same
 # subset size trains on the same examples.
 SUBSET_SEED = 1234
-# Evaluation processes the test set in chunks of at most this many hidden activations
-# (members x examples x width), about 64 MB of float32, to bound memory for big stacks.
+# Evaluation processes the test set in chunks of at most this many activations per
+# layer (members x examples x features), 64 MB of float32, to bound memory for big stacks.
 EVAL_ELEMENTS = 16_000_000
 ADAM_BETAS = (0.9, 0.999)  # PyTorch's defaults
 ADAM_EPS = 1e-8  # PyTorch's default
@@ -181,7 +181,9 @@ def evaluate(block: Block, images: torch.Tensor, labels: torch.Tensor, activatio
         ``confusion=True`` also ``confusion`` (M, 10, 10), rows true class.
     """
     members, width = block.members, block.width
-    chunk = max(1, EVAL_ELEMENTS // (members * width))
+    # The convolution front's output, (M, chunk, 782), is the largest tensor when on.
+    per_example = members * max(width, IMAGE_PIXELS if block.conv else 0)
+    chunk = max(1, EVAL_ELEMENTS // per_example)
     correct = torch.zeros(members, dtype=torch.long, device=block.device)
     counts = torch.zeros(members * NUM_CLASSES, dtype=torch.long, device=block.device)
     matrix = torch.zeros(members * NUM_CLASSES**2, dtype=torch.long, device=block.device)
