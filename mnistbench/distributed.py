@@ -6,13 +6,13 @@
 A shard (:class:`Shard`) is a fixed part of a matrix's runs. A run belongs to shard
 ``K`` of ``N`` when its run key, read as a hexadecimal number, is ``K - 1`` modulo
 ``N``. The rule depends only on the run key, so every shard of one matrix trains a
-disjoint part whatever its store already holds, and a run stays in its shard when
+disjoint part whatever its store already contains, and a run stays in its shard when
 the matrix gains levels. Run keys are SHA-256 digests, so shards get nearly equal
 numbers of runs, but not exactly equal ones.
 
 The Ray backend (:class:`RayCluster`) trains each stack as one Ray task. The task
-asks for one GPU when the cluster has GPUs, else for one CPU, and then trains with
-one torch thread. The driver puts the dataset's uint8 tensors into Ray's object
+requests one GPU when the cluster has GPUs and trains there. Otherwise it requests
+one CPU and trains with one torch thread. The driver puts the dataset's uint8 tensors into Ray's object
 store once (about 55 MB for MNIST), so workers need no copy of the dataset. Ray
 copies the tensors to each node once. The driver writes every finished stack into
 its store as the stack arrives. Ray is an optional dependency:
@@ -112,7 +112,8 @@ def _check_reachable(address: str) -> None:
     if not separator or not port.isdigit() or "://" in address:
         return  # "auto", "local" or a ray:// address: ray.init resolves these itself
     try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_SECONDS):
+        with socket.create_connection((host.strip("[]"), int(port)),
+                                      timeout=CONNECT_TIMEOUT_SECONDS):
             pass
     except OSError as error:
         raise MnistbenchError(
@@ -179,7 +180,7 @@ class RayCluster:
     def describe(self, device: torch.device) -> str:
         """Describe where training runs, for the plan line that ``ablate`` prints."""
         units = f"{self.gpus} GPUs" if device.type == "cuda" else f"{self.cpus} CPUs"
-        return f"{device.type} on the Ray cluster at {self.address} ({units})"
+        return f"{device.type} via Ray at {self.address} with {units}"
 
     def train(self, stacks: Sequence[list[Member]], data: DeviceData, criteria: Criteria,
               device: torch.device, info: dict,
@@ -195,17 +196,20 @@ class RayCluster:
             stacks: the stacks to train, one task each.
             data: the dataset, on the CPU of the driver.
             criteria: the outcome thresholds.
-            device: "cpu" or "cuda"; the task asks Ray for one CPU or one GPU.
+            device: "cpu" or "cuda"; each task requests one CPU or one GPU from Ray.
             info: the driver's provenance. A worker whose own provenance differs
                 gets a warning, and its runs are stored with the worker's provenance.
             finish: stores one stack's results.
         """
+        if not stacks:
+            return
         ray = self.ray
         payload = ray.put({
             "train_images": data.train_images.numpy(), "train_labels": data.train_labels.numpy(),
             "test_images": data.test_images.numpy(), "test_labels": data.test_labels.numpy(),
             "md5": data.md5,
         })
+        # NOTE: the GPU branch has not run in the test suite, which has no GPU.
         resources = {"num_gpus": 1, "num_cpus": 1} if device.type == "cuda" else {"num_cpus": 1}
         task = ray.remote(max_retries=TASK_RETRIES, **resources)(train_stack_task)
         running = {task.remote(stack, payload, criteria, device.type): stack for stack in stacks}

@@ -27,12 +27,11 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 import multiprocessing
-from typing import TYPE_CHECKING
 
 import torch
 
 from mnistbench.data import load_dataset
-from mnistbench.distributed import BACKENDS, Shard
+from mnistbench.distributed import BACKENDS, RayCluster, Shard
 from mnistbench.engine import DeviceData, Member, train_stack
 from mnistbench.errors import MnistbenchError
 from mnistbench.matrix import Cell, Criteria, Matrix
@@ -40,9 +39,6 @@ from mnistbench.model import structure_of
 from mnistbench.outcome import RunResult
 from mnistbench.provenance import device_name, provenance
 from mnistbench.store import Store, run_key
-
-if TYPE_CHECKING:
-    from mnistbench.distributed import RayCluster
 
 logger = logging.getLogger(__name__)
 
@@ -272,8 +268,6 @@ def run_ablation(matrix: Matrix, store: Store, *, device: str | None = None,
             raise MnistbenchError(f"--address {address} applies only to --backend ray")
         return _run_ablation(matrix, store, device, workers, max_stack, data_dir, on_stack,
                              on_plan, shard, None)
-    from mnistbench.distributed import RayCluster
-
     cluster = RayCluster(address)
     try:
         return _run_ablation(matrix, store, device, workers, max_stack, data_dir, on_stack,

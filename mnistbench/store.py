@@ -184,6 +184,13 @@ class Store:
                 self._check_schema_version()
                 return
             self.connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            tables = {row[0] for row in self.connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "meta" not in tables:
+                self.connection.close()
+                raise StoreError(f"{self.path} is an SQLite file but not an mnistbench store "
+                                 f"(tables: {', '.join(sorted(tables))}); choose another "
+                                 f"--store path")
             self.connection.execute("PRAGMA journal_mode=WAL")
             self.connection.execute("PRAGMA synchronous=NORMAL")
             self.connection.execute("PRAGMA busy_timeout=60000")

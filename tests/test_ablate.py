@@ -108,7 +108,7 @@ def test_killed_ablate_resumes_with_one_row_per_run(tiny_matrix: Path, tmp_path:
             break
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    process.communicate(timeout=60)
     killed_at = count_runs(store_path)
     assert 2 <= killed_at < 16, f"kill landed after {killed_at} runs; expected mid-matrix"
 

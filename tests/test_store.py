@@ -150,3 +150,18 @@ def test_settings_round_trip_through_the_store(tmp_path: Path) -> None:
     stored = store.connection.execute("SELECT settings_json FROM runs LIMIT 1").fetchone()[0]
     assert '"lr": 0.25' in stored
     assert replace(Settings(), lr=0.25).lr == 0.25
+
+
+def test_store_refuses_to_add_tables_to_another_database(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE notes (text TEXT)")
+    connection.commit()
+    connection.close()
+    with pytest.raises(StoreError, match=r"not an mnistbench store \(tables: notes\); choose "
+                                         r"another --store path"):
+        Store(path)
+    connection = sqlite3.connect(path)
+    tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
+    connection.close()
+    assert tables == ["notes"]

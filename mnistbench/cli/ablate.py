@@ -3,6 +3,8 @@
     mnistbench ablate ablations/default.yaml
     mnistbench ablate ablations/smoke.yaml --store stores/smoke.sqlite --set lr=0.001
     mnistbench ablate ablations/default.yaml --dry-run
+    mnistbench ablate ablations/default.yaml --backend ray --address 10.0.0.5:6379
+    mnistbench ablate ablations/default.yaml --shard 2/4 --store stores/default-2.sqlite
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 from mnistbench.errors import MnistbenchError
 
 if TYPE_CHECKING:
+    from mnistbench.distributed import Shard
     from mnistbench.matrix import Matrix
     from mnistbench.store import Store
 
@@ -49,6 +52,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "~/.cache/mnistbench)")
     parser.add_argument("--dry-run", action="store_true",
                         help="show the cells, stacks and runs left to train, and train nothing")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="local: worker processes on this machine (default); ray: one Ray "
+                             "task per stack on a Ray cluster (pip install 'mnistbench[ray]')")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address for --backend ray, e.g. 10.0.0.5:6379 "
+                             "(default: the cluster 'ray start' started on this machine, "
+                             "else a new local one)")
+    parser.add_argument("--shard", default=None, metavar="K/N",
+                        help="train only shard K of N (1-based) of the matrix's runs, e.g. "
+                             "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; combine "
+                             "the shards' stores with 'mnistbench merge'")
     parser.set_defaults(func=run)
 
 
@@ -59,6 +73,7 @@ def default_store(matrix: Matrix) -> Path:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from mnistbench.distributed import parse_shard
     from mnistbench.matrix import apply_overrides, load_matrix
     from mnistbench.outcome import RunResult
     from mnistbench.scheduler import Plan, run_ablation
@@ -67,12 +82,15 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--workers", args.workers), ("--max-stack", args.max_stack)):
         if value is not None and value < 1:
             raise MnistbenchError(f"{option} must be at least 1; got {value}")
+    if args.address is not None and args.backend != "ray":
+        raise MnistbenchError(f"--address {args.address} applies only to --backend ray")
+    shard = parse_shard(args.shard) if args.shard is not None else None
     matrix = load_matrix(args.matrix)
     if args.overrides:
         matrix = apply_overrides(matrix, args.overrides)
     store_path = args.store or default_store(matrix)
     if args.dry_run:
-        return _dry_run(matrix, store_path, args)
+        return _dry_run(matrix, store_path, args, shard)
 
     # A SIGTERM (from a scheduler or `kill`) unwinds like Ctrl-C, so claims are released.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -83,8 +101,11 @@ def run(args: argparse.Namespace) -> int:
     model_epochs = 0
 
     def on_plan(plan: Plan) -> None:
-        finished = len(plan.keyed) - len(plan.pending)
-        print(f"ablation {matrix.name}: {len(plan.keyed)} runs, {finished} already in "
+        finished = len(plan.assigned) - len(plan.pending)
+        scope = f"{len(plan.keyed)} runs"
+        if plan.shard is not None:
+            scope += f" ({len(plan.assigned)} in shard {plan.shard})"
+        print(f"ablation {matrix.name}: {scope}, {finished} already in "
               f"{store_path}, {len(plan.pending)} to train in {len(plan.stacks)} stacks "
               f"on {plan.device} ({plan.workers} worker{'s' if plan.workers != 1 else ''})")
         bar.reset(total=len(plan.pending))
@@ -99,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = run_ablation(matrix, store, device=args.device, workers=args.workers,
                                max_stack=args.max_stack, data_dir=args.data_dir,
-                               on_stack=on_stack, on_plan=on_plan)
+                               on_stack=on_stack, on_plan=on_plan, backend=args.backend,
+                               address=args.address, shard=shard)
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
@@ -115,7 +137,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace) -> int:
+def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
+             shard: Shard | None) -> int:
+    from mnistbench.distributed import RayCluster
     from mnistbench.scheduler import (
         DEFAULT_MAX_STACK_CPU,
         DEFAULT_MAX_STACK_CUDA,
@@ -125,17 +149,27 @@ def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace) -> int:
     )
     from mnistbench.store import Store
 
-    device = resolve_device(args.device)
-    workers = args.workers or default_workers(device)
+    # With Ray, the cluster decides the device and the number of workers. An error
+    # below ends the process, and Ray disconnects at exit.
+    cluster = RayCluster(args.address) if args.backend == "ray" else None
+    if cluster is None:
+        device = resolve_device(args.device)
+        workers = args.workers or default_workers(device)
+    else:
+        device = cluster.resolve_device(args.device)
+        workers = args.workers or cluster.slots(device)
     store = Store(store_path, readonly=True) if store_path.exists() else None
     max_stack = args.max_stack
     if max_stack is None:
         max_stack = DEFAULT_MAX_STACK_CUDA if device.type == "cuda" else DEFAULT_MAX_STACK_CPU
     plan, _ = prepare(matrix, store, device=device, workers=workers, max_stack=max_stack,
-                      data_dir=args.data_dir)
+                      data_dir=args.data_dir, shard=shard, cluster=cluster)
+    if cluster is not None:
+        cluster.shutdown()
     cells = matrix.cells()
+    scope = f" ({len(plan.assigned)} in shard {shard})" if shard is not None else ""
     print(f"ablation {matrix.name}: {len(cells)} cells x {len(matrix.seeds)} seeds = "
-          f"{len(plan.keyed)} runs; {len(plan.keyed) - len(plan.pending)} already in "
+          f"{len(plan.keyed)} runs{scope}; {len(plan.assigned) - len(plan.pending)} already in "
           f"{store_path}")
     epochs = sum(m.settings.epochs for m in plan.pending)
     print(f"to train: {len(plan.pending)} runs, {epochs} model-epochs, in "
