@@ -149,6 +149,10 @@ def run_check(store_path: Path, thresholds_path: Path, *, baseline_path: Path | 
     for cell in cells:
         checks.extend(_threshold_checks(cell, thresholds.rules, matched))
         checks.extend(_baseline_checks(cell, baseline, criteria, thresholds))
+    if all(check.status == NO_BASELINE for check in checks):
+        raise CheckInputError(
+            f"{thresholds_path}: nothing to check: no rule sets a threshold for any cell and "
+            f"no --baseline was given; add rules or a baseline so the gate can fail")
     return CheckReport(name, str(store_path), str(thresholds_path),
                        None if baseline_path is None else str(baseline_path), tuple(checks))
 

@@ -32,6 +32,7 @@ exponent but no dot (``1e-3``) is a float as in YAML 1.2, not a string.
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -50,6 +51,9 @@ from mnistbench.settings import (
     same_level,
     suggest,
 )
+
+# More runs than this would take weeks on one machine; it also bounds expansion's memory.
+MAX_RUNS = 1_000_000
 
 __all__ = [
     "Cell",
@@ -291,6 +295,11 @@ def _check_cells(matrix: Matrix, checker: SectionChecker) -> None:
     Each exclusion names existing levels, so it matches some cell of the full product. It
     drops no cell only when earlier exclusions already drop every cell that it matches.
     """
+    product = math.prod(len(levels) for levels in matrix.factors.values())
+    if product * len(matrix.seeds) > MAX_RUNS:
+        raise checker.error("factors", f"the factors expand to {product:,} cells x "
+                            f"{len(matrix.seeds)} seeds = {product * len(matrix.seeds):,} runs; "
+                            f"the limit is {MAX_RUNS:,}; split the matrix into several files")
     combinations = _combinations(matrix.factors)
     dropped = [0] * len(matrix.exclude)
     kept = []

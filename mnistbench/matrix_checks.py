@@ -40,6 +40,8 @@ from mnistbench.settings import (
 # directory path has no entry, so its train_subset has no upper bound here.
 TRAIN_SIZES: dict[str, int] = {"mnist": 60_000, "fashion-mnist": 60_000}
 TOP_LEVEL_KEYS = ("name", "dataset", "seeds", "train", "factors", "exclude", "criteria")
+# More seeds than this is almost surely a typo; the bound keeps expansion cheap to check.
+SEED_COUNT = Range(low=1, high=10_000, high_inclusive=True)
 # Names of matrices, bundle factors and bundles. They appear in cell ids and file
 # names, so "=", "," and "/" are excluded.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
@@ -178,13 +180,15 @@ class SectionChecker:
         """Return the seeds of a count n (0..n-1) or of a list of distinct ints >= 0."""
         if not isinstance(seeds, list):
             try:
-                count = parse_int(seeds, Range(low=1))
+                count = parse_int(seeds, SEED_COUNT)
             except ValueError as error:
                 raise self.error("seeds", f"must be a count or a list of seeds; a count {error}") from None
             return tuple(range(count))
 
         if not seeds:
             raise self.error("seeds", "the list is empty; give at least one seed")
+        if len(seeds) not in SEED_COUNT:
+            raise self.error("seeds", f"lists {len(seeds)} seeds; the count must be {SEED_COUNT}")
         parsed: list[int] = []
         for index, seed in enumerate(seeds):
             try:

@@ -37,7 +37,7 @@ from mnistbench.analysis import (
     format_rate,
     outcome_counts,
 )
-from mnistbench.findings import CLAIMS_TITLE, data_notes, evaluate_claims, write_findings
+from mnistbench.findings import CLAIMS_NOTE, CLAIMS_TITLE, FINDINGS_NOTE, data_notes, evaluate_claims, write_findings
 from mnistbench.outcome import OUTCOMES
 from mnistbench.store import Store
 
@@ -321,6 +321,8 @@ def build_context(analysis: Analysis, report_figures: list[ReportFigure]) -> dic
         "findings": [{"text": f.text, "method": f.estimate.method} for f in findings],
         "notes": data_notes(analysis),
         "claims_title": CLAIMS_TITLE,
+        "claims_note": CLAIMS_NOTE,
+        "findings_note": FINDINGS_NOTE,
         "claims": [{"key": r.claim.key, "statement": r.claim.statement, "verdict": r.verdict,
                     "detail": r.detail, "rule": r.claim.rule_text} for r in claims],
         "figures": report_figures,

@@ -287,6 +287,10 @@ def _run_ablation(matrix: Matrix, store: Store, device: str | None, workers: int
     else:
         torch_device = cluster.resolve_device(device)
         workers = workers or cluster.slots(torch_device)
+    if torch_device.type == "cpu" and any(cell.settings.precision == "tf32"
+                                          for cell in matrix.cells()):
+        logger.warning("precision tf32 only changes CUDA matmuls; on the CPU those runs "
+                       "train in float32 and match their float32 twins")
     if workers < 1:
         raise MnistbenchError(f"--workers must be at least 1; got {workers}")
     if max_stack is None:
@@ -352,7 +356,8 @@ def _run_in_workers(stacks: list[list[Member]], matrix: Matrix, data_dir: str | 
             # letting the executor wait for the stacks they are training.
             # NOTE: ProcessPoolExecutor has no public way to end running tasks, so this
             # reaches into its process table.
+            processes = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
-            for process in list(getattr(pool, "_processes", {}).values()):
+            for process in processes:
                 process.terminate()
             raise

@@ -74,9 +74,11 @@ RANGES: dict[str, Range] = {
     "lr": Range(low=0, low_inclusive=False),
     "momentum": Range(low=0, high=1),
     "weight_decay": Range(low=0),
-    "width": Range(low=1),
-    "batch_size": Range(low=1),
-    "epochs": Range(low=1),
+    # Upper bounds catch typos (an extra zero or three) before they allocate gigabytes:
+    # a width of 16,384 already makes one run's first layer 51 MB.
+    "width": Range(low=1, high=16_384, high_inclusive=True),
+    "batch_size": Range(low=1, high=65_536, high_inclusive=True),
+    "epochs": Range(low=1, high=10_000, high_inclusive=True),
     "train_subset": Range(low=1),
 }
 

@@ -443,6 +443,14 @@ class Store:
         frame["confusion"] = [json.loads(c) if isinstance(c, str) else None
                               for c in frame.pop("confusion_json")]
         frame = cells.merge(frame, on="cell_id", how="inner")
+        duplicated = frame[frame.duplicated(["cell_id", "seed"], keep=False)]
+        if len(duplicated):
+            first = duplicated.iloc[0]
+            keys = ", ".join(duplicated[(duplicated["cell_id"] == first["cell_id"])
+                                        & (duplicated["seed"] == first["seed"])]["run_key"])
+            raise StoreError(
+                f"store {self.path} contains duplicated runs: cell {first['cell_id']} seed "
+                f"{first['seed']} has runs {keys}; every cell and seed must have one run")
         frame = frame.sort_values(["cell_index", "seed"], kind="stable").reset_index(drop=True)
         frame["collapse_class"] = frame["collapse_class"].astype("Int64")
         ordered = ["cell_index", "cell_id", *factors, "seed"]

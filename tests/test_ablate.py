@@ -169,3 +169,4 @@ def test_bad_options_exit_2(tiny_matrix: Path, tmp_path: Path, extra: list[str],
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 2, result.stdout + result.stderr
     assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "s.sqlite").exists()

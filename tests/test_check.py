@@ -254,8 +254,8 @@ def test_duplicated_run_rejected(good_store: Path, thresholds: Path) -> None:
             store.connection.execute("INSERT INTO members VALUES ('t', ?, ?, ?)",
                                      ("duplicate0000000", cell_id, seed))
 
-    with pytest.raises(StoreError, match=rf"duplicated runs in ablation 't': cell {cell_id} "
-                                         rf"seed 3 \(runs {key}, duplicate0000000\)"):
+    with pytest.raises(StoreError, match=rf"contains duplicated runs: cell {cell_id} seed 3 "
+                                         rf"has runs {key}, duplicate0000000"):
         run_check(good_store, thresholds)
 
 
@@ -642,3 +642,11 @@ def test_cli_exit_codes(good_store: Path, thresholds: Path, tmp_path: Path) -> N
     assert invalid.returncode == 2
     assert invalid.stderr.startswith("error: ")
     assert "did you mean 'min_median_accuracy'?" in invalid.stderr
+
+
+def test_nothing_to_check_is_bad_input(good_store: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("rules: []\n")
+    with pytest.raises(CheckInputError, match=r"empty\.yaml: nothing to check: no rule sets a "
+                                              r"threshold for any cell and no --baseline"):
+        run_check(good_store, empty)

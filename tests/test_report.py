@@ -348,3 +348,18 @@ def test_cli_unknown_ablation_exits_2(tmp_path):
     assert result.returncode == 2
     assert "error: ablation 'nope' not found in store" in result.stderr
     assert "stored ablations: hostile" in result.stderr
+
+
+def test_report_out_that_is_a_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    store = build_store(tmp_path / "s.sqlite", {"name": "t", "seeds": 2,
+                                                "factors": {"activation": ["relu", "sigmoid"]}},
+                        lambda cell, seed: Planned())
+    store.close()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    status = main(["report", str(tmp_path / "s.sqlite"), "--out", str(blocker / "sub")])
+    assert status == 2
+    assert re.search(r"--out .*blocker/sub: .*blocker is a file, not a directory",
+                     capsys.readouterr().err)

@@ -13,6 +13,7 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from mnistbench.distributed import parse_shard
     from mnistbench.matrix import apply_overrides, load_matrix
     from mnistbench.outcome import RunResult
-    from mnistbench.scheduler import Plan, run_ablation
+    from mnistbench.scheduler import Plan, resolve_device, run_ablation
     from mnistbench.store import Store
 
     for option, value in (("--workers", args.workers), ("--max-stack", args.max_stack)):
@@ -91,6 +92,14 @@ def run(args: argparse.Namespace) -> int:
     store_path = args.store or default_store(matrix)
     if args.dry_run:
         return _dry_run(matrix, store_path, args, shard)
+
+    # Check the device before the store is created, so a typo leaves no file behind.
+    resolve_device(args.device)
+    if args.overrides:
+        # The stored matrix text then shows what actually trained.
+        note = "\n# overridden on the command line: " + " ".join(
+            f"--set {item}" for item in args.overrides) + "\n"
+        matrix = replace(matrix, text=matrix.text + note)
 
     # A SIGTERM (from a scheduler or `kill`) unwinds like Ctrl-C, so claims are released.
     signal.signal(signal.SIGTERM, _raise_interrupt)

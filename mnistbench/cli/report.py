@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mnistbench.errors import MnistbenchError
+
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +38,10 @@ def run_report_command(args: argparse.Namespace) -> int:
     """
     from mnistbench.report import write_report  # imported here: seaborn is slow to import
 
+    for parent in (args.out, *args.out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise MnistbenchError(f"--out {args.out}: {parent} is a file, not a directory; "
+                                  f"choose another output directory")
     paths = write_report(args.store, args.out, args.ablation)
     print(paths.html)
     print(paths.markdown)
