@@ -16,6 +16,18 @@ from mnistbench.outcome import EpochRecord, RunResult, outcome_of_counts
 from mnistbench.store import Store, run_key
 
 TEST_SET_SIZE = 10_000
+# 4 cells x 4 seeds of runs that train in about a second each on real MNIST; with
+# --max-stack 2 and one worker they train as 8 stacks one after another, so a kill
+# lands between commits.
+TINY_MATRIX = """\
+name: tiny
+seeds: 4
+train: {epochs: 1, train_subset: 2000, batch_size: 64, lr: 0.5, width: 32}
+factors:
+  activation: [sigmoid, relu]
+  dropout: [0.0, 0.5]
+"""
+
 PROVENANCE = {
     "package_version": "0.1.0",
     "git_commit": "0000000",

@@ -13,22 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from builders import TINY_MATRIX
 from mnistbench.store import Store
 
 pytestmark = [pytest.mark.mnist, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 
-# 4 cells x 4 seeds of tiny runs; with --max-stack 2 and one worker they train as 8
-# stacks one after another, so a kill lands between commits.
-TINY_MATRIX = """\
-name: tiny
-seeds: 4
-train: {epochs: 1, train_subset: 2000, batch_size: 64, lr: 0.5, width: 32}
-factors:
-  activation: [sigmoid, relu]
-  dropout: [0.0, 0.5]
-"""
 
 
 def ablate_command(matrix: Path, store: Path, *extra: str) -> list[str]:

@@ -24,21 +24,13 @@ from pathlib import Path
 
 import pytest
 
+from builders import TINY_MATRIX
 from mnistbench.cli import main
 from mnistbench.errors import MnistbenchError
 from mnistbench.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
-# 4 cells x 4 seeds of tiny runs, as in test_ablate.py.
-TINY_MATRIX = """\
-name: tiny
-seeds: 4
-train: {epochs: 1, train_subset: 2000, batch_size: 64, lr: 0.5, width: 32}
-factors:
-  activation: [sigmoid, relu]
-  dropout: [0.0, 0.5]
-"""
 # The same cells on three times the examples, so that a stack trains for about a
 # second and a kill lands while a worker is training.
 SLOWER_MATRIX = TINY_MATRIX.replace("train_subset: 2000", "train_subset: 6000")

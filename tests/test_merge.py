@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from builders import PROVENANCE, Planned, build_store
+from builders import PROVENANCE, Planned, TINY_MATRIX, build_store
 
 from mnistbench.cli import main
 from mnistbench.distributed import Shard, parse_shard, shard_of
@@ -25,14 +25,6 @@ MATRIX = {"name": "t", "seeds": 4, "train": {"lr": 0.5},
           "factors": {"activation": ["relu", "sigmoid"]}}
 # Columns that record when and where a copy of a run was written, not what it produced.
 WRITE_COLUMNS = ["host", "finished_at"]
-TINY_MATRIX = """\
-name: tiny
-seeds: 4
-train: {epochs: 1, train_subset: 2000, batch_size: 64, lr: 0.5, width: 32}
-factors:
-  activation: [sigmoid, relu]
-  dropout: [0.0, 0.5]
-"""
 
 
 def seeds(*planned_seeds: int) -> Callable:
