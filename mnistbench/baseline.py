@@ -93,6 +93,7 @@ class Baseline:
     ablation: str
     criteria: Criteria  # the criteria that the flags were computed under
     cells: Mapping[str, CellRuns]  # cell id -> runs; only cells with finished runs
+    dataset: str | None = None  # the dataset the baseline was trained on, when recorded
 
 
 def read_cells(store: Store, ablation: str) -> tuple[list[CellRuns], list[str]]:
@@ -271,7 +272,9 @@ def parse_baseline(data: Any, source: str) -> Baseline:
         if cell.cell_id in cells:
             raise fail(f"cells[{index}].cell_id", f"cell {cell.cell_id!r} appears twice")
         cells[cell.cell_id] = cell
-    return Baseline(source, data["ablation"], criteria, cells)
+    dataset = data.get("dataset")
+    return Baseline(source, data["ablation"], criteria, cells,
+                    dataset if isinstance(dataset, str) else None)
 
 
 def _baseline_from_store(path: Path, ablation: str) -> Baseline:
@@ -287,7 +290,8 @@ def _baseline_from_store(path: Path, ablation: str) -> Baseline:
             raise CheckInputError(f"baseline {error}") from None
         cells, _ = read_cells(store, ablation)
     criteria = Criteria(**record["criteria"])
-    return Baseline(str(path), ablation, criteria, {cell.cell_id: cell for cell in cells})
+    return Baseline(str(path), ablation, criteria, {cell.cell_id: cell for cell in cells},
+                    record["dataset"])
 
 
 def _read_json(path: Path) -> Any:

@@ -143,6 +143,11 @@ def run_check(store_path: Path, thresholds_path: Path, *, baseline_path: Path | 
     baseline = None
     if baseline_path is not None:
         baseline = load_baseline(baseline_path, name)
+        if baseline.dataset is not None and baseline.dataset != record["dataset"]:
+            raise CheckInputError(
+                f"baseline {baseline_path} was trained on dataset {baseline.dataset!r}, but "
+                f"ablation '{name}' in {store_path} on {record['dataset']!r}; compare runs "
+                f"of one dataset")
         _warn_about_mismatch(baseline, name, cells)
 
     checks: list[CheckResult] = []

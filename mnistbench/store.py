@@ -169,6 +169,9 @@ class Store:
                  ) -> None:
         """Open a store; ``readonly=True`` opens an existing one without writing to it."""
         self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"store path {self.path} is a directory; give the path of a "
+                             f"store file, such as {self.path / 'ablation.sqlite'}")
         if not self.path.exists():
             if not create or readonly:
                 raise StoreError(
@@ -390,9 +393,12 @@ class Store:
         """
         names = self.ablation_names()
         if name is None:
+            if not names:
+                raise StoreError(f"store {self.path} contains no ablation yet; run "
+                                 f"'mnistbench ablate MATRIX --store {self.path}' first")
             if len(names) != 1:
                 raise StoreError(
-                    f"store {self.path} holds {len(names)} ablations "
+                    f"store {self.path} contains {len(names)} ablations "
                     f"({', '.join(names) or 'none'}); name one with --ablation"
                 )
             name = names[0]

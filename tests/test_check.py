@@ -650,3 +650,16 @@ def test_nothing_to_check_is_bad_input(good_store: Path, tmp_path: Path) -> None
     with pytest.raises(CheckInputError, match=r"empty\.yaml: nothing to check: no rule sets a "
                                               r"threshold for any cell and no --baseline"):
         run_check(good_store, empty)
+
+
+def test_baseline_of_another_dataset_rejected(good_store: Path, thresholds: Path,
+                                              tmp_path: Path) -> None:
+    out = tmp_path / "baseline.json"
+    with Store(good_store, create=False) as store:
+        write_baseline(store, "t", out)
+    data = json.loads(out.read_text())
+    data["dataset"] = "fashion-mnist"
+    out.write_text(json.dumps(data))
+    with pytest.raises(CheckInputError, match=r"was trained on dataset 'fashion-mnist', but "
+                                              r"ablation 't' in .* on 'mnist'"):
+        run_check(good_store, thresholds, baseline_path=out)

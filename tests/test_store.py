@@ -140,7 +140,7 @@ def test_ablation_lookup_names_the_stored_ones(tmp_path: Path) -> None:
                                          r"ablations: t"):
         store.ablation("other")
     build_store(tmp_path / "s.sqlite", {**MATRIX, "name": "u"}, lambda cell, seed: Planned())
-    with pytest.raises(StoreError, match=r"holds 2 ablations \(t, u\); name one with --ablation"):
+    with pytest.raises(StoreError, match=r"contains 2 ablations \(t, u\); name one with --ablation"):
         store.ablation()
 
 
@@ -165,3 +165,16 @@ def test_store_refuses_to_add_tables_to_another_database(tmp_path: Path) -> None
     tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
     connection.close()
     assert tables == ["notes"]
+
+
+def test_directory_as_store_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"store path .* is a directory; give the path of a "
+                                         r"store file"):
+        Store(tmp_path)
+
+
+def test_store_without_ablation_says_to_run_ablate(tmp_path: Path) -> None:
+    store = Store(tmp_path / "new.sqlite")
+    with pytest.raises(StoreError, match=r"contains no ablation yet; run 'mnistbench ablate "
+                                         r"MATRIX --store .*new\.sqlite' first"):
+        store.ablation()
