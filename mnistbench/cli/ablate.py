@@ -94,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
         return _dry_run(matrix, store_path, args, shard)
 
     # Check the device before the store is created, so a typo leaves no file behind.
-    resolve_device(args.device)
+    # A Ray cluster's devices are checked on the cluster instead.
+    if args.backend == "local":
+        resolve_device(args.device)
     if args.overrides:
         # The stored matrix text then shows what actually trained.
         note = "\n# overridden on the command line: " + " ".join(
