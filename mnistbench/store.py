@@ -24,10 +24,8 @@ killed process loses at most the stack it was training.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
 import socket
 import sqlite3
@@ -40,117 +38,18 @@ import pandas as pd
 from mnistbench.errors import StoreError
 from mnistbench.matrix import Cell, Criteria, Matrix, format_level
 from mnistbench.outcome import RunResult, outcome_of_counts
+from mnistbench.schema import (  # noqa: F401 - run_key and the versions are re-exported
+    SCHEMA_SQL,
+    NUMERICS_VERSION,
+    PROVENANCE_KEYS,
+    SCHEMA_VERSION,
+    finite_or_none,
+    now_text,
+    run_row,
+    run_key,
+)
 
 logger = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-
-# Bump when a change to the engine changes the numbers a run produces: old runs then
-# get new keys and train again instead of being mixed with new ones.
-NUMERICS_VERSION = 2
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS ablations (
-    name TEXT PRIMARY KEY,
-    matrix_text TEXT NOT NULL,
-    matrix_json TEXT NOT NULL,
-    criteria_json TEXT NOT NULL,
-    factors_json TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cells (
-    ablation TEXT NOT NULL,
-    cell_id TEXT NOT NULL,
-    cell_index INTEGER NOT NULL,
-    levels_json TEXT NOT NULL,
-    settings_json TEXT NOT NULL,
-    PRIMARY KEY (ablation, cell_id)
-);
-CREATE TABLE IF NOT EXISTS members (
-    ablation TEXT NOT NULL,
-    run_key TEXT NOT NULL,
-    cell_id TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    PRIMARY KEY (ablation, run_key)
-);
-CREATE TABLE IF NOT EXISTS runs (
-    run_key TEXT PRIMARY KEY,
-    settings_json TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    outcome TEXT NOT NULL,
-    collapse_class INTEGER,
-    final_accuracy REAL,
-    final_train_loss REAL,
-    max_class_share REAL,
-    final_prediction_counts_json TEXT,
-    epochs_done INTEGER NOT NULL,
-    confusion_json TEXT,
-    error TEXT,
-    train_seconds REAL NOT NULL,
-    device TEXT NOT NULL,
-    package_version TEXT NOT NULL,
-    git_commit TEXT NOT NULL,
-    torch_version TEXT NOT NULL,
-    dataset_md5 TEXT NOT NULL,
-    host TEXT NOT NULL,
-    finished_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS epochs (
-    run_key TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    train_loss REAL,
-    test_accuracy REAL,
-    prediction_counts_json TEXT NOT NULL,
-    dead_fraction REAL,
-    saturated_fraction REAL,
-    grad_norm REAL,
-    nonfinite INTEGER NOT NULL,
-    seconds REAL NOT NULL,
-    PRIMARY KEY (run_key, epoch)
-);
-CREATE TABLE IF NOT EXISTS claims (
-    run_key TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    claimed_at REAL NOT NULL
-);
-"""
-
-PROVENANCE_KEYS = ("package_version", "git_commit", "torch_version", "dataset_md5")
-
-
-def run_key(settings: dict, seed: int, dataset_md5: str, device_type: str) -> str:
-    """Hash everything that determines a run's result into a 16-hex-digit key.
-
-    Args:
-        settings: the run's settings as plain data (``Settings.to_dict()``).
-        seed: the seed index.
-        dataset_md5: the dataset checksum (``Dataset.md5``).
-        device_type: ``"cpu"`` or ``"cuda"``; the two do not give bit-identical numbers.
-    """
-    payload = {
-        "settings": settings,
-        "seed": seed,
-        "dataset_md5": dataset_md5,
-        "device_type": device_type,
-        "numerics_version": NUMERICS_VERSION,
-    }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -218,7 +117,7 @@ class Store:
 
     def _create_schema(self) -> None:
         # executescript commits on its own, so it runs outside the transaction below.
-        self.connection.executescript(_SCHEMA)
+        self.connection.executescript(SCHEMA_SQL)
         with self.transaction():
             row = self.connection.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
@@ -265,7 +164,7 @@ class Store:
             self.connection.execute(
                 "INSERT OR REPLACE INTO ablations VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (matrix.name, matrix.text, json.dumps(matrix.to_dict()), json.dumps(criteria),
-                 json.dumps(factors), matrix.dataset, _now()),
+                 json.dumps(factors), matrix.dataset, now_text()),
             )
             self.connection.execute("DELETE FROM cells WHERE ablation = ?", (matrix.name,))
             self.connection.execute("DELETE FROM members WHERE ablation = ?", (matrix.name,))
@@ -294,17 +193,17 @@ class Store:
                 cursor = self.connection.execute(
                     "INSERT OR IGNORE INTO runs VALUES "
                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    _run_row(result, host),
+                    run_row(result, host),
                 )
                 if cursor.rowcount == 0:
                     continue
                 written += 1
                 self.connection.executemany(
                     "INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(result.run_key, e.epoch, _finite_or_none(e.train_loss),
-                      _finite_or_none(e.test_accuracy), json.dumps(list(e.prediction_counts)),
-                      _finite_or_none(e.dead_fraction), _finite_or_none(e.saturated_fraction),
-                      _finite_or_none(e.grad_norm), int(e.nonfinite), float(e.seconds))
+                    [(result.run_key, e.epoch, finite_or_none(e.train_loss),
+                      finite_or_none(e.test_accuracy), json.dumps(list(e.prediction_counts)),
+                      finite_or_none(e.dead_fraction), finite_or_none(e.saturated_fraction),
+                      finite_or_none(e.grad_norm), int(e.nonfinite), float(e.seconds))
                      for e in result.epochs],
                 )
                 self.connection.execute(
@@ -505,21 +404,3 @@ class _Transaction:
             self.connection.execute("COMMIT")
         else:
             self.connection.execute("ROLLBACK")
-
-
-def _run_row(result: RunResult, host: str) -> tuple:
-    provenance = result.provenance
-    missing = [k for k in PROVENANCE_KEYS if k not in provenance]
-    assert not missing, f"run {result.run_key} lacks provenance {missing}"
-    counts = result.epochs[-1].prediction_counts if result.epochs else None
-    return (
-        result.run_key, json.dumps(result.settings), result.seed, result.outcome,
-        result.collapse_class, _finite_or_none(result.final_accuracy),
-        _finite_or_none(result.final_train_loss), _finite_or_none(result.max_class_share),
-        json.dumps(list(counts)) if counts is not None else None,
-        max((e.epoch for e in result.epochs), default=0),
-        json.dumps([list(r) for r in result.confusion]) if result.confusion else None,
-        result.error, float(result.train_seconds), result.device,
-        provenance["package_version"], provenance["git_commit"], provenance["torch_version"],
-        provenance["dataset_md5"], host, _now(),
-    )
