@@ -77,6 +77,11 @@ class Store:
                     f"store not found: {self.path}; run 'mnistbench ablate MATRIX --store "
                     f"{self.path}' first"
                 )
+            blocking = next((p for p in self.path.parents if p.exists() and not p.is_dir()),
+                            None)
+            if blocking is not None:
+                raise StoreError(f"cannot create store {self.path}: {blocking} is a file, not a "
+                                 f"directory; choose another store path")
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             if readonly:

@@ -363,3 +363,25 @@ def test_report_out_that_is_a_file_exits_2(tmp_path: Path, capsys: pytest.Captur
     assert status == 2
     assert re.search(r"--out .*blocker/sub: .*blocker is a file, not a directory",
                      capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("obstacle, message", [
+    pytest.param("report.html", r"report\.html is a directory", id="html-is-directory"),
+    pytest.param("figures", r"figures is a file, not a directory", id="figures-is-file"),
+])
+def test_report_output_obstacles_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                        obstacle: str, message: str) -> None:
+    from mnistbench.cli import main
+
+    build_store(tmp_path / "s.sqlite", {"name": "t", "seeds": 2,
+                                        "factors": {"activation": ["relu", "sigmoid"]}},
+                lambda cell, seed: Planned()).close()
+    out = tmp_path / "out"
+    out.mkdir()
+    if obstacle == "figures":
+        (out / obstacle).write_text("a file")
+    else:
+        (out / obstacle).mkdir()
+    assert main(["report", str(tmp_path / "s.sqlite"), "--out", str(out)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (out / "report.md").exists()

@@ -178,3 +178,11 @@ def test_store_without_ablation_says_to_run_ablate(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"contains no ablation yet; run 'mnistbench ablate "
                                          r"MATRIX --store .*new\.sqlite' first"):
         store.ablation()
+
+
+def test_store_under_a_file_is_rejected(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(StoreError, match=r"cannot create store .*blocker/x\.sqlite: .*blocker "
+                                         r"is a file, not a directory"):
+        Store(blocker / "x.sqlite")

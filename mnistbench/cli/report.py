@@ -38,10 +38,14 @@ def run_report_command(args: argparse.Namespace) -> int:
     """
     from mnistbench.report import write_report  # imported here: seaborn is slow to import
 
-    for parent in (args.out, *args.out.parents):
+    for parent in (args.out / "figures", args.out, *args.out.parents):
         if parent.exists() and not parent.is_dir():
             raise MnistbenchError(f"--out {args.out}: {parent} is a file, not a directory; "
                                   f"choose another output directory")
+    for name in ("report.html", "report.md"):
+        if (args.out / name).is_dir():
+            raise MnistbenchError(f"--out {args.out}: {args.out / name} is a directory; "
+                                  f"remove it or choose another output directory")
     paths = write_report(args.store, args.out, args.ablation)
     print(paths.html)
     print(paths.markdown)
