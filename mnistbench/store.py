@@ -165,10 +165,19 @@ class Store:
         criteria = {"convergence_accuracy": matrix.criteria.convergence_accuracy,
                     "collapse_share": matrix.criteria.collapse_share}
         cells = {cell.cell_id: cell for cell, _, _ in keyed_cells}
+        previous = self.connection.execute(
+            "SELECT matrix_json FROM ablations WHERE name = ?", (matrix.name,)).fetchone()
+        resolved = json.dumps(matrix.to_dict())
+        # The file the matrix came from is not part of its definition.
+        if previous is not None and ({**json.loads(previous[0]), "source": None}
+                                     != {**matrix.to_dict(), "source": None}):
+            logger.warning("ablation %s in %s is redefined by the new matrix; the runs of the "
+                           "old definition stay in the store but no longer belong to it",
+                           matrix.name, self.path)
         with self.transaction():
             self.connection.execute(
                 "INSERT OR REPLACE INTO ablations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (matrix.name, matrix.text, json.dumps(matrix.to_dict()), json.dumps(criteria),
+                (matrix.name, matrix.text, resolved, json.dumps(criteria),
                  json.dumps(factors), matrix.dataset, now_text()),
             )
             self.connection.execute("DELETE FROM cells WHERE ablation = ?", (matrix.name,))
