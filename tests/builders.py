@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,3 +106,16 @@ def build_store(path: Path, matrix_data: dict,
             results.append(synthetic_result(cell, seed, key, planned, matrix.criteria))
     store.write_results(results)
     return store
+
+
+def count_runs(store: Path) -> int:
+    """Count the finished runs in a store file that another process may be writing."""
+    if not store.exists():
+        return 0
+    connection = sqlite3.connect(store, timeout=30)
+    try:
+        return connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        connection.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import TINY_MATRIX
+from builders import TINY_MATRIX, count_runs
 from mnistbench.store import Store
 
 pytestmark = [pytest.mark.mnist, pytest.mark.slow]
@@ -25,18 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 def ablate_command(matrix: Path, store: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "mnistbench", "ablate", str(matrix), "--store", str(store),
             *extra]
-
-
-def count_runs(store: Path) -> int:
-    if not store.exists():
-        return 0
-    connection = sqlite3.connect(store, timeout=30)
-    try:
-        return connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        connection.close()
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import TINY_MATRIX
+from builders import TINY_MATRIX, count_runs
 from mnistbench.cli import main
 from mnistbench.errors import MnistbenchError
 from mnistbench.store import Store
@@ -76,18 +76,6 @@ def ablate(matrix: Path, store: Path, *extra: str, environment: dict | None = No
                "--device", "cpu", *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd,
                           env=environment)
-
-
-def count_runs(store: Path) -> int:
-    if not store.exists():
-        return 0
-    connection = sqlite3.connect(store, timeout=30)
-    try:
-        return connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        connection.close()
 
 
 def training_workers(raylet_pids: frozenset[int]) -> list[int]:
