@@ -103,23 +103,12 @@ def read_cells(store: Store, ablation: str) -> tuple[list[CellRuns], list[str]]:
         The cells that have at least one finished run, and the ids of those with none.
 
     Raises:
-        StoreError: two finished runs of one cell have the same seed. The store schema
-            keys members by run key, so a cell and seed can map to two run rows when
-            two different settings or datasets were stored under one ablation.
+        StoreError: two finished runs of one cell have the same seed (raised by
+            ``Store.runs_frame``).
     """
     cells = store.cells_frame(ablation)
     runs = store.runs_frame(ablation)
     factors = [c for c in cells.columns if c not in ("cell_index", "cell_id")]
-
-    duplicated = runs[runs.duplicated(["cell_id", "seed"], keep=False)]
-    if not duplicated.empty:
-        pairs = [f"cell {cell_id} seed {seed} (runs {', '.join(group['run_key'])})"
-                 for (cell_id, seed), group in duplicated.groupby(["cell_id", "seed"], sort=False)]
-        raise StoreError(
-            f"store {store.path} contains duplicated runs in ablation '{ablation}': "
-            f"{'; '.join(pairs)}; every cell and seed must map to one run. Run the ablation "
-            f"again into a fresh store"
-        )
 
     finished, unfinished = [], []
     for row in cells.to_dict("records"):
@@ -170,7 +159,7 @@ def load_baseline(path: Path, ablation: str) -> Baseline:
 
     Raises:
         CheckInputError: the file is missing, unreadable or not a valid summary.
-        StoreError: the store is unreadable or holds duplicated runs.
+        StoreError: the store is unreadable or contains duplicated runs.
     """
     try:
         with path.open("rb") as handle:

@@ -19,7 +19,7 @@ class MatrixError(MnistbenchError):
 
 
 class StoreError(MnistbenchError):
-    """A store is missing, unreadable, or holds data that contradicts itself."""
+    """A store is missing, unreadable, or contains data that contradicts itself."""
 
 
 class CheckInputError(MnistbenchError):

@@ -8,7 +8,7 @@ The model of one run is
 on the flattened 784-pixel image, where ``n`` is 784, 782 after the convolution, and
 half of that after pooling.
 
-A :class:`Block` holds ``M = S x V`` runs ("members"): ``V`` runs for each of ``S``
+A :class:`Block` contains ``M = S x V`` runs ("members"): ``V`` runs for each of ``S``
 seed indexes, all of one model structure, which may differ in init, learning rate,
 momentum, weight decay and dropout. Runs of one seed see the same batches, so
 without the convolution front the first layer of a seed's runs is one wide matmul

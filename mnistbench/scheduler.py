@@ -2,10 +2,10 @@
 
     summary = run_ablation(load_matrix("ablations/smoke.yaml"), Store("stores/smoke.sqlite"))
 
-Expanding the matrix (``matrix``) and training (``engine``) stay separate: this module
-turns the matrix's runs into stacks, hands them to worker processes (CPU, one torch
-thread each, since that keeps every core busy and the runs deterministic) or trains
-them in this process (GPU), and writes each finished stack to the store in one
+Expanding the matrix (``matrix``) and training (``engine``) stay separate. This module
+turns the matrix's runs into stacks and hands them to worker processes on the CPU, one
+torch thread each, because that keeps every core busy and the runs deterministic. On a
+GPU it trains them in this process. Each finished stack goes to the store in one
 transaction. Runs this process is about to train are claimed in the store first, so
 a second ``ablate`` on the same store trains other runs instead of the same ones.
 With ``backend="ray"`` the stacks become Ray tasks on a cluster instead, and with a

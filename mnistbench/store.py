@@ -1,4 +1,4 @@
-"""The store: one SQLite file that holds ablations, runs, per-epoch metrics and provenance.
+"""The store: one SQLite file that contains ablations, runs, per-epoch metrics and provenance.
 
     store = Store("stores/default.sqlite")
     store.save_ablation(matrix, keyed_runs)     # before training: resolved matrix and members
@@ -286,7 +286,7 @@ class Store:
         return claimed
 
     def release(self, owner: str) -> None:
-        """Drop every claim this owner still holds (runs it did not finish)."""
+        """Drop every claim that this owner still has (runs it did not finish)."""
         with self.transaction():
             self.connection.execute("DELETE FROM claims WHERE owner = ?", (owner,))
 
@@ -331,7 +331,7 @@ class Store:
         }
 
     def cells_frame(self, ablation: str) -> pd.DataFrame:
-        """One row per cell: ``cell_index``, ``cell_id``, one column per factor (level text)."""
+        """Return one row per cell: ``cell_index``, ``cell_id``, a level column per factor."""
         factors = list(self.ablation(ablation)["factors"])
         rows = self.connection.execute(
             "SELECT cell_index, cell_id, levels_json FROM cells WHERE ablation = ? "
@@ -341,7 +341,7 @@ class Store:
         return pd.DataFrame(records, columns=["cell_index", "cell_id", *factors])
 
     def runs_frame(self, ablation: str) -> pd.DataFrame:
-        """One row per finished run of the ablation, in cell then seed order.
+        """Return one row per finished run of the ablation, in cell then seed order.
 
         Columns: ``cell_index``, ``cell_id``, one per factor (level text), ``seed``,
         ``run_key``, ``outcome``, ``collapse_class``, ``final_accuracy``,
@@ -362,21 +362,23 @@ class Store:
         frame["confusion"] = [json.loads(c) if isinstance(c, str) else None
                               for c in frame.pop("confusion_json")]
         frame = cells.merge(frame, on="cell_id", how="inner")
+        # Members are keyed by run key, so a hand-edited or merged store can map one cell
+        # and seed to two runs; every statistic assumes one.
         duplicated = frame[frame.duplicated(["cell_id", "seed"], keep=False)]
         if len(duplicated):
-            first = duplicated.iloc[0]
-            keys = ", ".join(duplicated[(duplicated["cell_id"] == first["cell_id"])
-                                        & (duplicated["seed"] == first["seed"])]["run_key"])
+            pairs = [f"cell {cell_id} seed {seed} has runs {', '.join(group['run_key'])}"
+                     for (cell_id, seed), group in duplicated.groupby(["cell_id", "seed"],
+                                                                      sort=False)]
             raise StoreError(
-                f"store {self.path} contains duplicated runs: cell {first['cell_id']} seed "
-                f"{first['seed']} has runs {keys}; every cell and seed must have one run")
+                f"store {self.path} contains duplicated runs: {'; '.join(pairs)}; every cell "
+                f"and seed must have one run, so train the ablation again into a fresh store")
         frame = frame.sort_values(["cell_index", "seed"], kind="stable").reset_index(drop=True)
         frame["collapse_class"] = frame["collapse_class"].astype("Int64")
         ordered = ["cell_index", "cell_id", *factors, "seed"]
         return frame[ordered + [c for c in frame.columns if c not in ordered]]
 
     def epochs_frame(self, ablation: str) -> pd.DataFrame:
-        """One row per finished run and epoch, with the run's cell and factor columns.
+        """Return one row per finished run and epoch, with the run's cell and factor columns.
 
         Columns: ``cell_index``, ``cell_id``, factor columns, ``seed``, ``run_key``,
         ``epoch``, ``train_loss``, ``test_accuracy``, ``prediction_counts`` (list of 10),

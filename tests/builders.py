@@ -119,3 +119,16 @@ def count_runs(store: Path) -> int:
         return 0
     finally:
         connection.close()
+
+
+def store_contents(store: Path) -> tuple[list[str], set[str], int, int]:
+    """Read a store file's run keys (with repeats), member keys, claim and epoch counts."""
+    connection = sqlite3.connect(store)
+    try:
+        keys = [row[0] for row in connection.execute("SELECT run_key FROM runs")]
+        members = {row[0] for row in connection.execute("SELECT run_key FROM members")}
+        claims = connection.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
+        epochs = connection.execute("SELECT COUNT(*) FROM epochs").fetchone()[0]
+    finally:
+        connection.close()
+    return keys, members, claims, epochs

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import TINY_MATRIX, count_runs
+from builders import TINY_MATRIX, count_runs, store_contents
 from mnistbench.store import Store
 
 pytestmark = [pytest.mark.mnist, pytest.mark.slow]
@@ -96,12 +96,7 @@ def test_killed_ablate_resumes_with_one_row_per_run(tiny_matrix: Path, tmp_path:
     assert resumed.returncode == 0, resumed.stderr
     assert f"{killed_at} already in" in resumed.stdout
     assert f"trained {16 - killed_at} runs" in resumed.stdout
-    connection = sqlite3.connect(store_path)
-    keys = [row[0] for row in connection.execute("SELECT run_key FROM runs")]
-    members = {row[0] for row in connection.execute("SELECT run_key FROM members")}
-    claims = connection.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
-    epochs = connection.execute("SELECT COUNT(*) FROM epochs").fetchone()[0]
-    connection.close()
+    keys, members, claims, epochs = store_contents(store_path)
     assert len(keys) == len(set(keys)) == 16
     assert set(keys) == members
     assert claims == 0

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import TINY_MATRIX, count_runs
+from builders import TINY_MATRIX, count_runs, store_contents
 from mnistbench.cli import main
 from mnistbench.errors import MnistbenchError
 from mnistbench.store import Store
@@ -170,12 +169,7 @@ def test_killed_worker_keeps_finished_stacks(ray_cluster: RayTestCluster,
     assert resumed.returncode == 0, resumed.stderr
     assert "14 already in" in resumed.stdout
     assert "trained 2 runs" in resumed.stdout
-    connection = sqlite3.connect(store_path)
-    keys = [row[0] for row in connection.execute("SELECT run_key FROM runs")]
-    members = {row[0] for row in connection.execute("SELECT run_key FROM members")}
-    claims = connection.execute("SELECT COUNT(*) FROM claims").fetchone()[0]
-    epochs = connection.execute("SELECT COUNT(*) FROM epochs").fetchone()[0]
-    connection.close()
+    keys, members, claims, epochs = store_contents(store_path)
     assert len(keys) == len(set(keys)) == 16
     assert set(keys) == members
     assert claims == 0

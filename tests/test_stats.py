@@ -35,7 +35,8 @@ def test_wilson_interval_matches_closed_form(successes: int, n: int, lower: floa
 
 def test_wilson_without_observations_is_nan() -> None:
     estimate = wilson(0, 0)
-    assert np.isnan(estimate.value) and estimate.n == 0
+    assert np.isnan(estimate.value)
+    assert estimate.n == 0
 
 
 def test_wilson_rejects_impossible_counts() -> None:

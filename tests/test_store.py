@@ -70,7 +70,7 @@ def test_new_criteria_reclassify_stored_runs(tmp_path: Path) -> None:
     assert set(store.runs_frame("t")["outcome"]) == {"converged"}
 
 
-def test_claims_skip_live_owners_and_take_over_dead_ones(tmp_path: Path) -> None:
+def test_claims_take_over_dead_owners(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite")
     assert store.claim(["a", "b"], "first") == ["a", "b"]
     assert store.claim(["a", "b", "c"], "second") == ["c"]

@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit status (0 ok, 1 check failed, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    if args.quiet:
+        level = logging.WARNING
+    elif args.verbose > 1:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         status = args.func(args)

@@ -33,8 +33,8 @@ from mnistbench.matrix import Criteria
 
 DEVICE = os.environ.get("MNISTBENCH_BENCH_DEVICE", "cpu")
 TRAIN_SUBSET = 10_000 if DEVICE == "cpu" else 60_000  # examples per benchmark epoch
-# Both the engine and the plain loop evaluate before and after the epoch; a 1,000-image
-# test set keeps that evaluation at under 10% of the work, so the figures measure training.
+# Both the engine and the plain loop evaluate before and after the epoch. A 1,000-image
+# test set keeps that evaluation under 10% of the work, so the figures measure training.
 TEST_SUBSET = 1_000
 SEEDS = 5  # the engine stack: 5 seeds x 6 variants = 30 runs, like one stack of the default ablation
 RESULTS: dict[str, dict] = {}
