@@ -3,14 +3,18 @@
     rate = matmul_rate()                               # FLOP/s of float32 matmul, this thread count
     floor = model_epoch_flops(settings) / rate         # seconds per model-epoch at the matmul rate
     seconds = plain_loop_seconds(settings, data)       # one run with nn.Module + torch.optim
+    with Gang(workers=2) as gang:                      # single-threaded processes, one per core
+        total_rate = sum(gang.run("matmul", seconds=2.0))
 
 ``make bench`` (tests/benchmarks) measures these side by side with the engine.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from dataclasses import replace
+from multiprocessing.connection import Connection
 
 import torch
 import torch.nn.functional as F
@@ -49,17 +53,25 @@ def model_epoch_flops(settings: Settings, train_size: int = 60_000, test_size: i
             + evaluations * test_size * example_flops(settings, train=False))
 
 
-def matmul_rate(size: int = MATMUL_SIZE, seconds: float = 1.0) -> float:
+def matmul_rate(size: int = MATMUL_SIZE, seconds: float = 1.0, device: str = "cpu") -> float:
     """Measure float32 matmul throughput in FLOP/s with torch's current thread count."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator)
-    b = torch.randn(size, size, generator=generator)
+    a = torch.randn(size, size, generator=generator).to(device)
+    b = torch.randn(size, size, generator=generator).to(device)
     a @ b  # warm-up: thread pool and caches
+    _synchronize(device)
     repeats, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        a @ b
-        repeats += 1
+        for _ in range(10 if device == "cuda" else 1):
+            a @ b
+            repeats += 1
+        _synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 class PlainModel(nn.Module):
@@ -84,34 +96,39 @@ class PlainModel(nn.Module):
         return self.second(hidden)
 
 
-def plain_loop_seconds(settings: Settings, data: DeviceData, seed: int = 0) -> float:
+def plain_loop_seconds(settings: Settings, data: DeviceData, seed: int = 0,
+                       device: str = "cpu") -> float:
     """Train one run with a plain PyTorch loop; return wall seconds for all its epochs.
 
-    The images are preloaded as float32 and batches are indexed from them, as a
-    careful hand-written loop would do. Like the engine, it evaluates on the test set
-    before training and after each epoch.
+    The images are preloaded as float32 on ``device`` and batches are indexed from
+    them, as a careful hand-written loop would do. Like the engine, it evaluates on
+    the test set before training and after each epoch.
     """
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)  # as the engine does, so that both pay the same arithmetic
-    model = PlainModel(settings)
+    model = PlainModel(settings).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     subset = data.subset_indexes(settings.train_subset)
     images = data.train_images if subset is None else data.train_images[subset]
     labels = data.train_labels if subset is None else data.train_labels[subset]
-    images = images.float() / 255.0
-    test_images = data.test_images.float() / 255.0
+    images = images.to(device).float() / 255.0
+    labels = labels.to(device)
+    test_images = data.test_images.to(device).float() / 255.0
+    test_labels = data.test_labels.to(device)
+    _synchronize(device)
     started = time.perf_counter()
-    _evaluate(model, test_images, data.test_labels)
+    _evaluate(model, test_images, test_labels)
     for _ in range(settings.epochs):
         model.train()
-        order = torch.randperm(labels.shape[0])
+        order = torch.randperm(labels.shape[0], device=device)
         for start in range(0, labels.shape[0], settings.batch_size):
             index = order[start:start + settings.batch_size]
             loss = F.cross_entropy(model(images[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        _evaluate(model, test_images, data.test_labels)
+        _evaluate(model, test_images, test_labels)
+    _synchronize(device)
     return time.perf_counter() - started
 
 
@@ -134,3 +151,93 @@ def bench_variants(settings: Settings) -> list[Settings]:
     """Six runs per seed that differ the way an ablation's stack does: init x dropout."""
     return [replace(settings, init=init, dropout=dropout)
             for init in ("default", "kaiming", "large_normal") for dropout in (0.0, 0.5)]
+
+
+def engine_seconds(settings: Settings, data: DeviceData, seeds: range,
+                   device: str = "cpu") -> float:
+    """Train the benchmark stack (``seeds`` x :func:`bench_variants`); return wall seconds."""
+    from mnistbench.engine import Member, train_stack
+    from mnistbench.matrix import Criteria
+
+    members = [Member(f"bench-{i}-{seed}", seed, variant)
+               for seed in seeds for i, variant in enumerate(bench_variants(settings))]
+    provenance = {"package_version": "bench", "git_commit": "bench",
+                  "torch_version": torch.__version__, "dataset_md5": data.md5}
+    started = time.perf_counter()
+    train_stack(members, data, Criteria(), provenance, device)
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+class Gang:
+    """Worker processes, one torch thread each, that run the same task side by side.
+
+    This is how ``ablate`` fills a CPU: one single-threaded worker per core. The
+    workers start once and keep the dataset loaded, so a timed :meth:`run` measures
+    only the task. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, workers: int, test_subset: int | None = None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connections: list[Connection] = []
+        self.processes = []
+        for _ in range(workers):
+            parent, child = context.Pipe()
+            process = context.Process(target=_gang_worker, args=(child, test_subset), daemon=True)
+            process.start()
+            self.connections.append(parent)
+            self.processes.append(process)
+        self.run("ready")
+
+    def run(self, task: str, **kwargs) -> list:
+        """Send a task to every worker at once and return their answers in worker order.
+
+        Tasks: ``matmul`` (FLOP/s over ``seconds``), ``engine`` (wall seconds to train
+        ``settings`` for the worker's own ``seeds_per_worker`` seeds), ``ready``.
+        """
+        for worker, connection in enumerate(self.connections):
+            connection.send((task, worker, kwargs))
+        try:
+            answers = [connection.recv() for connection in self.connections]
+        except (EOFError, ConnectionError) as error:
+            raise RuntimeError(f"a benchmark worker exited before answering {task!r}") from error
+        failed = [answer for answer in answers if isinstance(answer, str)]
+        if failed:
+            raise RuntimeError(f"a benchmark worker failed: {failed[0]}")
+        return answers
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.send(None)
+        for process in self.processes:
+            process.join(timeout=10)
+
+    def __enter__(self) -> Gang:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _gang_worker(connection: Connection, test_subset: int | None) -> None:
+    import traceback
+
+    from mnistbench.data import load_dataset
+
+    torch.set_num_threads(1)
+    full = DeviceData.from_dataset(load_dataset("mnist", fetch=False), "cpu")
+    data = DeviceData(full.train_images, full.train_labels, full.test_images[:test_subset],
+                      full.test_labels[:test_subset], full.md5)
+    while (message := connection.recv()) is not None:
+        task, worker, kwargs = message
+        try:
+            if task == "matmul":
+                connection.send(matmul_rate(seconds=kwargs["seconds"]))
+            elif task == "engine":
+                count = kwargs["seeds_per_worker"]
+                connection.send(engine_seconds(kwargs["settings"], data,
+                                               range(worker * count, (worker + 1) * count)))
+            else:
+                connection.send(0.0)
+        except Exception:  # report to the parent instead of leaving it waiting
+            connection.send(traceback.format_exc())

@@ -27,7 +27,8 @@ import torch
 
 from mnistbench.data import Dataset
 from mnistbench.matrix import Criteria, Settings
-from mnistbench.model import IMAGE_PIXELS, NUM_CLASSES, Block, member_losses, structure_of
+from mnistbench.backprop import Gradients, gradients, member_losses
+from mnistbench.model import IMAGE_PIXELS, NUM_CLASSES, Block, structure_of
 from mnistbench.outcome import EpochRecord, RunResult, outcome_of_counts
 from mnistbench.seeds import generator
 
@@ -118,11 +119,15 @@ class _Optimizer:
             entry["lr"] = self.block.broadcast(name, self.lr)
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, gradients: Gradients) -> None:
+        """Update every parameter from its gradient, or ``weight1`` from its factors."""
         self.step_count += 1
         for name, param in self.block.params.items():
             entry = self.state[name]
-            grad = param.grad
+            if name not in gradients.params:
+                self._step_factored(param, entry, *gradients.factors)
+                continue
+            grad = gradients.params[name]
             if self.use_decay:
                 grad = grad + entry["decay"] * param
             if self.kind == "sgd":
@@ -137,6 +142,25 @@ class _Optimizer:
             v_hat = entry["v"] / (1 - beta2**self.step_count)
             param.addcdiv_(entry["lr"] * m_hat, v_hat.sqrt_().add_(ADAM_EPS), value=-1.0)
 
+    def _step_factored(self, param: torch.Tensor, entry: dict, a: torch.Tensor,
+                       b: torch.Tensor) -> None:
+        """SGD on a weight whose gradient is ``a @ b``, accumulated inside the matmul.
+
+        The learning rate scales ``b``'s columns (or batches) per member, so the
+        update needs no pass over the weights beyond the matmul's own.
+        """
+        assert self.kind == "sgd", "Adam needs the gradient written out"
+        if self.use_momentum:
+            buffer = entry["buffer"].mul_(entry["momentum"])
+            if self.use_decay:
+                buffer.addcmul_(entry["decay"], param)
+            buffer.baddbmm_(a, b)
+            param.addcmul_(entry["lr"], buffer, value=-1.0)
+            return
+        if self.use_decay:
+            param.mul_(1.0 - entry["lr"] * entry["decay"])
+        param.baddbmm_(a, b * entry["lr"], alpha=-1.0)
+
     @torch.no_grad()
     def freeze(self, members: torch.Tensor) -> None:
         """Zero the weights and state of the given members and stop their updates."""
@@ -144,26 +168,49 @@ class _Optimizer:
         self.refresh_lr()
         for name, param in self.block.params.items():
             self.block.zero_members(name, param, members)
-            if param.grad is not None:
-                self.block.zero_members(name, param.grad, members)
             for key in ("buffer", "m", "v"):
                 if key in self.state[name]:
                     self.block.zero_members(name, self.state[name][key], members)
 
 
-def _grad_norms(block: Block) -> torch.Tensor:
-    """Global gradient norm of each member: ``(M,)``."""
+def _grad_norms(block: Block, gradients: Gradients) -> torch.Tensor:
+    """Global gradient norm of each member: ``(M,)``.
+
+    A first-layer gradient still in factors ``a @ b`` with ``a`` shared by a seed's
+    runs is measured without writing it out: ``|a b|^2 = sum(b * (a^T a) b)``, which
+    costs a third of the matmul that would form it.
+    """
     total = torch.zeros(block.members, device=block.device)
-    for name, param in block.params.items():
-        total += block.member_sums(name, param.grad.pow(2))
+    for name, grad in gradients.params.items():
+        total += block.member_sums(name, grad.pow(2))
+    if gradients.factors is not None:
+        a, b = gradients.factors  # (S, n, B), (S, B, V * H)
+        gram = block.matmul(a.transpose(1, 2), a)  # (S, B, B)
+        squares = block.matmul(gram, b).mul_(b)
+        total += squares.view(block.seed_count, -1, block.variants, block.width).sum(
+            dim=(1, 3)).reshape(block.members)
     return total.sqrt()
+
+
+def _silence(block: Block, gradients: Gradients, members: torch.Tensor) -> None:
+    """Zero the gradients of frozen members, whose last step may have been non-finite."""
+    for name, grad in gradients.params.items():
+        block.zero_members(name, grad, members)
+    if gradients.factors is not None:
+        a, b = gradients.factors
+        if block.shared_weight1:
+            b.view(block.seed_count, b.shape[1], block.variants, block.width).masked_fill_(
+                members.view(block.seed_count, 1, block.variants, 1), 0.0)
+        else:
+            a.masked_fill_(members.view(-1, 1, 1), 0.0)
+            b.masked_fill_(members.view(-1, 1, 1), 0.0)
 
 
 def _weights_finite(block: Block) -> torch.Tensor:
     """Check that every weight of each member is finite; returns ``(M,)`` bool."""
     bad = torch.zeros(block.members, device=block.device)
     for name, param in block.params.items():
-        bad += block.member_sums(name, (~torch.isfinite(param.detach())).float())
+        bad += block.member_sums(name, (~torch.isfinite(param)).float())
     return bad == 0
 
 
@@ -192,18 +239,18 @@ def evaluate(block: Block, images: torch.Tensor, labels: torch.Tensor, activatio
     offsets = torch.arange(members, device=block.device)[:, None]
     for start in range(0, labels.shape[0], chunk):
         x, y = images[start:start + chunk], labels[start:start + chunk]
-        logits, pre = block.forward(x.expand(block.seed_count, *x.shape))
-        predicted = logits.argmax(dim=-1)  # (V, C)
+        trace = block.forward(x.expand(block.seed_count, *x.shape), for_backward=False)
+        predicted = trace.logits.argmax(dim=-1)  # (M, C)
         correct += (predicted == y[None]).sum(dim=1)
         counts += torch.bincount((offsets * NUM_CLASSES + predicted).flatten(),
                                  minlength=members * NUM_CLASSES)
         if confusion:
             cells = offsets * NUM_CLASSES**2 + y[None] * NUM_CLASSES + predicted
             matrix += torch.bincount(cells.flatten(), minlength=members * NUM_CLASSES**2)
+        hidden = trace.hidden
         if activation in ("relu", "gelu"):
-            alive |= (pre > 0).any(dim=1)
+            alive |= (hidden > 0).any(dim=1)  # relu(x) and gelu(x) are positive where x is
         else:
-            hidden = block.activation(pre)
             low = -1.0 if activation == "tanh" else 0.0
             near = (hidden < low + SATURATION_MARGIN) | (hidden > 1.0 - SATURATION_MARGIN)
             saturated += near.sum(dim=(1, 2)).double()
@@ -274,8 +321,6 @@ def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
     history: list[list[EpochRecord]] = [[] for _ in members]
     diverged = [torch.zeros(block.members, dtype=torch.bool, device=device) for block in blocks]
     final_eval: list[dict] = []
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                              enabled=first.precision == "bf16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = first.precision == "tf32"
     started = time.perf_counter()
@@ -294,37 +339,38 @@ def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
                 orders = [subset[order] for order in orders]
             for start in range(0, train_size, first.batch_size):
                 steps += 1
-                losses_per_block = []
-                total = torch.zeros((), device=device)
-                with autocast:
-                    for block, order, streams in zip(blocks, orders, dropout_streams):
-                        index = order[:, start:start + first.batch_size]  # (S, B)
-                        uniform = None
-                        if block.uses_dropout:
-                            uniform = torch.stack([
-                                torch.rand(index.shape[1], block.width, device=device,
-                                           generator=stream) for stream in streams])
-                        logits, _ = block.forward(data.train_images[index], uniform)
-                        labels = data.train_labels[index][:, None, :].expand(
-                            block.seed_count, block.variants, index.shape[1])
-                        losses = member_losses(logits, labels.flatten(0, 1), first.loss)
-                        losses_per_block.append(losses)
-                        total = total + losses.sum()
-                for block in blocks:
-                    for param in block.params.values():
-                        param.grad = None
-                total.backward()
+                measure = (steps - 1) % GRAD_NORM_EVERY == 0
+                for b, (block, order, streams) in enumerate(zip(blocks, orders,
+                                                                 dropout_streams)):
+                    index = order[:, start:start + first.batch_size]  # (S, B)
+                    uniform = None
+                    if block.uses_dropout:
+                        uniform = torch.stack([
+                            torch.rand(index.shape[1], block.width, device=device,
+                                       generator=stream) for stream in streams])
+                    images = torch.index_select(data.train_images, 0, index.flatten())
+                    trace = block.forward(images.view(*index.shape, -1), uniform)
+                    labels = data.train_labels[index][:, None, :].expand(
+                        block.seed_count, block.variants, index.shape[1])
+                    losses, logit_grad = member_losses(trace.logits, labels.flatten(0, 1),
+                                                       first.loss, with_grad=True)
+                    grads = gradients(block, trace, logit_grad)
+                    del trace
+                    if (first.optimizer == "adam" or block.matmul_dtype is not None
+                            or (measure and not block.shared_weight1)):
+                        grads.materialize(block)
 
-                # Freeze runs whose loss or gradient is no longer finite, then step.
-                for b, (block, optimizer) in enumerate(zip(blocks, optimizers)):
-                    losses = losses_per_block[b].detach()
+                    # Freeze runs whose loss is no longer finite, then step.
                     bad = ~torch.isfinite(losses) & ~diverged[b]
                     if bool(bad.any()):
-                        optimizer.freeze(bad)
+                        optimizers[b].freeze(bad)
                         diverged[b] |= bad
-                    if (steps - 1) % GRAD_NORM_EVERY == 0:
-                        norm_sums[b] += torch.where(diverged[b], 0.0, _grad_norms(block).double())
-                    optimizer.step()
+                    if bool(diverged[b].any()):
+                        _silence(block, grads, diverged[b])
+                    if measure:
+                        norm_sums[b] += torch.where(diverged[b], 0.0,
+                                                    _grad_norms(block, grads).double())
+                    optimizers[b].step(grads)
                     loss_sums[b] += torch.where(diverged[b], 0.0, losses.double())
 
         # Evaluate on the test set and record each run that was alive at the epoch's start.

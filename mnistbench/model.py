@@ -14,18 +14,23 @@ momentum, weight decay and dropout. Runs of one seed see the same batches, so
 without the convolution front the first layer of a seed's runs is one wide matmul
 ``(batch, n) @ (n, V * width)``, and all seeds together one batched matmul
 ``(S, batch, n) @ (S, n, V * width)``. With the front every run has its own input and
-the first layer is ``(M, batch, n) @ (M, n, width)``. The convolution is written as
-three shifted multiply-adds, which costs far less than ``nn.Conv1d`` for a single
-3-tap filter.
+the first layer is ``(M, batch, n) @ (M, n, width)``.
+
+The 3-tap convolution is one batched matmul with an inner dimension of 4: each
+seed's shifted pixel rows and a row of ones against each run's three taps and bias.
+Its output keeps even and odd positions in two contiguous halves, so the max-pool
+and its backward pass read contiguous memory. Without pooling, the first Linear's
+rows are stored in the same even-then-odd order, which leaves the product unchanged.
 
     block = Block(members_settings, seeds=[0, 1], device="cpu")
-    logits, pre = block.forward(images_uint8)    # (M, batch, 10), (M, batch, width)
+    trace = block.forward(images_uint8)      # trace.logits (M, batch, 10)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +41,38 @@ from mnistbench.seeds import generator
 IMAGE_PIXELS = 784
 NUM_CLASSES = 10
 CONV_TAPS = 3
+CONV_OUTPUTS = IMAGE_PIXELS - CONV_TAPS + 1  # 782, an even number: pooling pairs all of them
 
 # Settings that must agree for runs to train in one stack; the others (init, lr,
 # momentum, weight_decay, dropout) may vary per member.
 STRUCTURE_FIELDS = ("activation", "conv", "pool", "width", "loss", "optimizer", "batch_size",
                     "epochs", "train_subset", "precision")
 
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation applied in place, and its derivative from the saved tensors.
+
+    ``backward(grad, output, input)`` returns the gradient with respect to the input;
+    ``needs_input`` says whether the input must be kept for it. A ``monotone``
+    activation commutes with max-pooling, so the front pools first and activates
+    half as many values.
+    """
+
+    forward_: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    needs_input: bool = False
+    monotone: bool = True
+
+
 ACTIVATIONS = {
-    "relu": torch.relu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "gelu": F.gelu,
+    "relu": Activation(torch.relu_,
+                       lambda grad, out, _: torch.ops.aten.threshold_backward(grad, out, 0)),
+    "sigmoid": Activation(torch.sigmoid_,
+                          lambda grad, out, _: torch.ops.aten.sigmoid_backward(grad, out)),
+    "tanh": Activation(torch.tanh_, lambda grad, out, _: torch.ops.aten.tanh_backward(grad, out)),
+    "gelu": Activation(F.gelu, lambda grad, _, x: torch.ops.aten.gelu_backward(grad, x),
+                       needs_input=True, monotone=False),
 }
 
 
@@ -104,6 +130,39 @@ def init_member(settings: Settings, seed: int) -> dict[str, torch.Tensor]:
     return params
 
 
+# Conv output positions in the block's layout: the even ones, then the odd ones.
+PARITY_ORDER = torch.cat([torch.arange(0, CONV_OUTPUTS, 2), torch.arange(1, CONV_OUTPUTS, 2)])
+
+
+@dataclass
+class Trace:
+    """What a forward pass keeps for the backward pass; shapes for ``M`` runs, batch ``B``.
+
+    ``pixels`` (S, B, 784) float images. With the convolution front: ``rows``
+    (S, 4, B * 782) its inputs; ``front_in`` its pre-activation (kept only when the
+    activation's derivative needs it); ``front_out`` its output in the layout of
+    :meth:`Block.front_shape`, or (M, B, 391) when pooled before the activation;
+    ``pool_gap`` (M, B, 391) the odd
+    position's value minus the even one's, where pooling picked from. ``first_input``
+    is the first Linear's input, (S, B, n) shared by a seed's runs or (M, B, n);
+    ``pre`` (M, B, H) the hidden pre-activation (kept only when needed); ``hidden`` its
+    activation; ``keep`` the dropout scale or None; ``dropped`` the hidden units after
+    dropout; ``logits`` (M, B, 10).
+    """
+
+    pixels: torch.Tensor
+    rows: torch.Tensor | None
+    front_in: torch.Tensor | None
+    front_out: torch.Tensor | None
+    pool_gap: torch.Tensor | None
+    first_input: torch.Tensor
+    pre: torch.Tensor | None
+    hidden: torch.Tensor
+    keep: torch.Tensor | None
+    dropped: torch.Tensor
+    logits: torch.Tensor
+
+
 class Block:
     """Parameters and forward pass of ``S`` seeds x ``V`` runs that share a structure.
 
@@ -130,8 +189,16 @@ class Block:
         self.pool = first.pool
         self.activation = ACTIVATIONS[first.activation]
         self.features = first.input_features()
+        # bf16 matmuls on CUDA. tf32 is a global CUDA switch, which the engine sets.
+        # NOTE: neither precision has run on a GPU yet.
+        self.matmul_dtype = (torch.bfloat16 if first.precision == "bf16"
+                             and self.device.type == "cuda" else None)
+        self.parity_rows = self.conv and not self.pool
         drawn = [init_member(s, self.seeds[m // self.variants])
                  for m, s in enumerate(self.settings)]
+        if self.parity_rows:
+            for d in drawn:
+                d["weight1"] = d["weight1"][PARITY_ORDER]
         self.params: dict[str, torch.Tensor] = {}
         if self.conv:
             self.params["conv_weight"] = torch.stack([d["conv_weight"] for d in drawn])  # (M, 3)
@@ -147,117 +214,156 @@ class Block:
         self.params["weight2"] = torch.stack([d["weight2"] for d in drawn])  # (M, H, 10)
         self.params["bias2"] = torch.stack([d["bias2"] for d in drawn])  # (M, 10)
         for name, tensor in self.params.items():
-            self.params[name] = tensor.contiguous().to(self.device).requires_grad_(True)
+            self.params[name] = tensor.contiguous().to(self.device)
         self.dropout = torch.tensor([s.dropout for s in self.settings], device=self.device)
         self.uses_dropout = bool((self.dropout > 0).any())
 
-    def _shared_weight1(self, name: str) -> bool:
-        return name == "weight1" and not self.conv
+    @property
+    def shared_weight1(self) -> bool:
+        """Whether ``weight1`` is stored as one ``(S, n, V * H)`` slice per seed."""
+        return not self.conv
+
+    def member_weights(self, m: int, tensors: dict[str, torch.Tensor] | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """Return member ``m``'s slice of parameter-shaped tensors, in :func:`init_member`'s
+        shapes and order; ``tensors`` defaults to the parameters themselves."""
+        tensors = self.params if tensors is None else tensors
+        sliced = {name: tensor[m] for name, tensor in tensors.items() if name != "weight1"}
+        weight1 = tensors["weight1"]
+        if self.shared_weight1:
+            s, v = divmod(m, self.variants)
+            sliced["weight1"] = weight1[s, :, v * self.width:(v + 1) * self.width]
+        elif self.parity_rows:
+            sliced["weight1"] = weight1[m][torch.argsort(PARITY_ORDER.to(weight1.device))]
+        else:
+            sliced["weight1"] = weight1[m]
+        return sliced
 
     def member_sums(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a parameter-shaped tensor over everything but the member: ``(M,)``."""
-        if self._shared_weight1(name):
+        if name == "weight1" and self.shared_weight1:
             view = tensor.view(self.seed_count, self.features, self.variants, self.width)
             return view.sum(dim=(1, 3)).reshape(self.members)
         return tensor.reshape(self.members, -1).sum(dim=1)
 
     def zero_members(self, name: str, tensor: torch.Tensor, members: torch.Tensor) -> None:
         """Set the entries of the given members (a ``(M,)`` bool mask) to zero, in place."""
-        if self._shared_weight1(name):
+        if name == "weight1" and self.shared_weight1:
             view = tensor.view(self.seed_count, self.features, self.variants, self.width)
-            view.permute(0, 2, 1, 3)[members.view(self.seed_count, self.variants)] = 0.0
+            view.masked_fill_(members.view(self.seed_count, 1, self.variants, 1), 0.0)
         else:
-            tensor[members] = 0.0
+            tensor.masked_fill_(members.view(-1, *([1] * (tensor.dim() - 1))), 0.0)
 
     def broadcast(self, name: str, per_member: torch.Tensor) -> torch.Tensor:
         """Shape a ``(M,)`` tensor to broadcast against a parameter in its stored layout."""
-        if self._shared_weight1(name):
+        if name == "weight1" and self.shared_weight1:
             columns = per_member.view(self.seed_count, self.variants)
             return columns.repeat_interleave(self.width, dim=1).view(self.seed_count, 1, -1)
         return per_member.view(-1, *([1] * (self.params[name].dim() - 1)))
 
-    def first_layer_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Map uint8 images ``(S, B, 784)`` to the first Linear's input.
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Batched matmul in the block's precision, returned as float32."""
+        if self.matmul_dtype is None:
+            return torch.bmm(a, b)
+        return torch.bmm(a.to(self.matmul_dtype), b.to(self.matmul_dtype)).float()
 
-        Returns:
-            ``(S, B, n)`` shared by each seed's runs without the front, else ``(M, B, n)``.
-        """
-        x = images.to(torch.float32) * (1.0 / 255.0)
-        if self.conv:
-            shape = (self.seed_count, self.variants, 1, 1)
-            w = self.params["conv_weight"]
-            b = self.params["conv_bias"].view(shape)
-            x = x[:, None]  # (S, 1, B, 784)
-            x = (w[:, 0].view(shape) * x[..., :-2] + w[:, 1].view(shape) * x[..., 1:-1]
-                 + w[:, 2].view(shape) * x[..., 2:] + b)  # (S, V, B, 782)
-            x = self.activation(x.flatten(0, 1))  # (M, B, 782)
+    def front_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of the convolution's output: ``(M, B, 2, 391)`` with even positions
+        first within each example, or parity first, ``(M, 2, B, 391)``, when pooled."""
+        half = CONV_OUTPUTS // 2
         if self.pool:
-            length = x.shape[-1] // 2 * 2
-            x = x[..., :length].unflatten(-1, (length // 2, 2)).amax(dim=-1)
-        return x
+            return self.members, 2, batch, half
+        return self.members, batch, 2, half
 
-    def hidden_preactivation(self, first_input: torch.Tensor) -> torch.Tensor:
-        """First Linear layer: returns ``(M, B, H)``."""
-        bias = self.params["bias1"][:, None, :]
-        if self.conv:
-            return torch.baddbmm(bias, first_input, self.params["weight1"])
-        batch = first_input.shape[1]
-        wide = torch.bmm(first_input, self.params["weight1"])  # (S, B, V * H)
-        wide = wide.view(self.seed_count, batch, self.variants, self.width).transpose(1, 2)
-        return wide.reshape(self.members, batch, self.width) + bias
+    def conv_rows(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The convolution's inputs for each seed: ``(S, 4, B * 782)``.
 
-    def forward(self, images: torch.Tensor, dropout_uniform: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compute logits ``(M, B, 10)`` and hidden pre-activations ``(M, B, H)``.
+        Row ``k < 3`` holds pixel ``i + k`` for every output position ``i``, in the
+        order of :meth:`front_shape`; row 3 holds ones for the bias.
+        """
+        seeds, batch = pixels.shape[:2]
+        even, odd = pixels[..., 0::2], pixels[..., 1::2]  # (S, B, 392) each
+        half = CONV_OUTPUTS // 2
+        taps = [(even[..., :half], odd[..., :half]), (odd[..., :half], even[..., 1:]),
+                (even[..., 1:], odd[..., 1:])]
+        rows = torch.empty(seeds, CONV_TAPS + 1, *self.front_shape(batch)[1:],
+                           device=pixels.device)
+        for k, (at_even, at_odd) in enumerate(taps):
+            if self.pool:
+                rows[:, k, 0], rows[:, k, 1] = at_even, at_odd
+            else:
+                rows[:, k, :, 0], rows[:, k, :, 1] = at_even, at_odd
+        rows[:, CONV_TAPS] = 1.0
+        return rows.view(seeds, CONV_TAPS + 1, -1)
+
+    def forward(self, images: torch.Tensor, dropout_uniform: torch.Tensor | None = None,
+                *, for_backward: bool = True) -> Trace:
+        """Run the stacked model on each seed's batch and keep what backward needs.
 
         Args:
             images: uint8 ``(S, B, 784)``, each seed's batch.
             dropout_uniform: uniform draws ``(S, B, H)``, one per seed (training only);
                 a run drops a unit where its seed's draw is below its probability.
+            for_backward: whether :func:`~mnistbench.backprop.gradients` will use the
+                trace; evaluation skips what only the backward pass needs.
         """
-        pre = self.hidden_preactivation(self.first_layer_input(images))
-        hidden = self.activation(pre)
+        seeds, batch = images.shape[:2]
+        act = self.activation
+        shared = images.stride(0) == 0  # one batch for every seed, as in evaluation
+        if shared:
+            pixels = (images[0].to(torch.float32) * (1.0 / 255.0)).expand(images.shape)
+        else:
+            pixels = images.to(torch.float32) * (1.0 / 255.0)
+        rows = front_in = front_out = gap = None
+        x = pixels
+        if self.conv:
+            if shared:
+                rows = self.conv_rows(pixels[:1]).expand(seeds, -1, -1)
+            else:
+                rows = self.conv_rows(pixels)
+            taps = torch.cat([self.params["conv_weight"], self.params["conv_bias"]], dim=1)
+            front_in = torch.bmm(taps.view(seeds, self.variants, CONV_TAPS + 1), rows)
+            front_in = front_in.view(self.front_shape(batch))
+            if self.pool and act.monotone:
+                even, odd = front_in[:, 0], front_in[:, 1]
+                gap = odd - even if for_backward else None
+                front_out = act.forward_(torch.maximum(even, odd))  # (M, B, 391)
+                x = front_out
+            else:
+                front_out = act.forward_(front_in)
+                x = front_out.view(self.members, batch, CONV_OUTPUTS)
+                if self.pool:
+                    even, odd = front_out[:, 0], front_out[:, 1]
+                    gap = odd - even if for_backward else None
+                    x = torch.maximum(even, odd)  # (M, B, 391)
+            front_in = front_in if act.needs_input else None
+        elif self.pool:
+            x = torch.maximum(pixels[..., 0::2], pixels[..., 1::2])  # (S, B, 392)
+        pre = self._hidden_preactivation(x)
+        hidden = act.forward_(pre)  # in place, unless the derivative needs the input
+        keep = None
         if dropout_uniform is not None and self.uses_dropout:
-            batch = pre.shape[1]
-            p = self.dropout.view(self.seed_count, self.variants, 1, 1)
-            keep = (dropout_uniform[:, None] >= p).to(hidden.dtype) / (1.0 - p)
-            hidden = hidden * keep.view(self.members, batch, self.width)
-        logits = torch.baddbmm(self.params["bias2"][:, None, :], hidden, self.params["weight2"])
-        return logits, pre
+            p = self.dropout.view(seeds, self.variants, 1, 1)
+            keep = torch.empty(seeds, self.variants, batch, self.width, device=self.device)
+            # Comparing straight into float32 is one pass; a bool mask and a
+            # broadcast division took 25 times longer.
+            torch.ge(dropout_uniform[:, None], p, out=keep).mul_(1.0 / (1.0 - p))
+            keep = keep.view(self.members, batch, self.width)
+        dropped = hidden if keep is None else hidden * keep
+        # (W2^T @ h^T)^T: with 10 output rows the matmul runs about 3x faster than h @ W2.
+        logits = self.matmul(self.params["weight2"].transpose(1, 2), dropped.transpose(1, 2))
+        logits = logits.transpose(1, 2).add_(self.params["bias2"][:, None])
+        return Trace(pixels, rows, front_in, front_out, gap, x,
+                     pre if act.needs_input else None, hidden, keep, dropped, logits)
 
-
-def member_losses(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean loss over the batch for each member.
-
-    Args:
-        logits: ``(M, B, 10)``.
-        labels: int64 ``(M, B)``, or ``(B,)`` shared by all members.
-        loss: ``cross_entropy`` or ``mse`` (mean squared error against one-hot targets,
-            averaged over batch and classes like ``nn.MSELoss``).
-
-    Returns:
-        ``(M,)`` float32.
-    """
-    members, batch, classes = logits.shape
-    if labels.dim() == 1 and labels.shape[0] == batch:
-        labels = labels.expand(members, batch)
-    if labels.shape != (members, batch):
-        raise ValueError(
-            f"labels of shape {tuple(labels.shape)} do not match logits of shape "
-            f"{tuple(logits.shape)}; expected labels of shape ({batch},) or "
-            f"({members}, {batch})"
-        )
-    logits = logits.float()
-    if loss == "cross_entropy":
-        log_probs = torch.log_softmax(logits, dim=-1)
-        picked = log_probs.gather(-1, labels[..., None])
-        return -picked.squeeze(-1).mean(dim=1)
-    if loss == "mse":
-        target = F.one_hot(labels, classes).to(logits.dtype)  # (M, B, 10)
-        if target.shape != logits.shape:
-            raise ValueError(
-                f"one-hot target of shape {tuple(target.shape)} does not match output of "
-                f"shape {tuple(logits.shape)}; MSE never broadcasts a mismatch"
-            )
-        return (logits - target).pow(2).mean(dim=(1, 2))
-    raise ValueError(f"unknown loss {loss!r}; expected cross_entropy or mse")
+    def _hidden_preactivation(self, first_input: torch.Tensor) -> torch.Tensor:
+        """First Linear layer: returns ``(M, B, H)``."""
+        bias = self.params["bias1"]
+        if self.conv:
+            return self.matmul(first_input, self.params["weight1"]).add_(bias[:, None, :])
+        batch = first_input.shape[1]
+        wide = self.matmul(first_input, self.params["weight1"])  # (S, B, V * H)
+        wide = wide.view(self.seed_count, batch, self.variants, self.width).transpose(1, 2)
+        out = torch.empty(self.seed_count, self.variants, batch, self.width, device=self.device)
+        torch.add(wide, bias.view(self.seed_count, self.variants, 1, self.width), out=out)
+        return out.view(self.members, batch, self.width)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from mnistbench import model as model_module
-from mnistbench.engine import DeviceData, Member, train_stack
+from mnistbench.engine import DeviceData, Member, _grad_norms, train_stack
 from mnistbench.matrix import Criteria, Settings
-from mnistbench.model import member_losses
+from mnistbench.backprop import gradients, member_losses
 from mnistbench.scheduler import plan_stacks, train_safely
+from mnistbench.seeds import generator
 
 PROVENANCE = {"package_version": "test", "git_commit": "test", "torch_version": "test",
               "dataset_md5": "synthetic"}
@@ -182,18 +183,19 @@ def test_stacked_model_matches_torch_modules() -> None:
     settings = replace(BASE, conv=True, pool=True, activation="tanh", width=16)
     block = model_module.Block([settings, replace(settings, init="xavier")], [0], "cpu")
     images = band_dataset(train_size=10, test_size=10).test_images
-    logits, _ = block.forward(images[None])
+    logits = block.forward(images[None]).logits
     for v in range(2):
+        params = block.member_weights(v)
         conv = torch.nn.Conv1d(1, 1, 3)
         first = torch.nn.Linear(391, 16)
         second = torch.nn.Linear(16, 10)
         with torch.no_grad():
-            conv.weight.copy_(block.params["conv_weight"][v].view(1, 1, 3))
-            conv.bias.copy_(block.params["conv_bias"][v])
-            first.weight.copy_(block.params["weight1"][v].t())
-            first.bias.copy_(block.params["bias1"][v])
-            second.weight.copy_(block.params["weight2"][v].t())
-            second.bias.copy_(block.params["bias2"][v])
+            conv.weight.copy_(params["conv_weight"].view(1, 1, 3))
+            conv.bias.copy_(params["conv_bias"])
+            first.weight.copy_(params["weight1"].t())
+            first.bias.copy_(params["bias1"])
+            second.weight.copy_(params["weight2"].t())
+            second.bias.copy_(params["bias2"])
             x = images.float()[:, None, :] / 255.0
             hidden = torch.nn.functional.max_pool1d(torch.tanh(conv(x)), 2).squeeze(1)
             expected = second(torch.tanh(first(hidden)))
@@ -229,3 +231,132 @@ def test_plan_stacks_groups_by_structure_and_fills_workers() -> None:
         assert len({m.settings.activation for m in stack}) == 1
     assert len(plan_stacks(members, max_stack=2, workers=1)) == 5
     assert len(plan_stacks(members, max_stack=100, workers=4)) == 4
+
+
+def reference_logits(settings: Settings, params: dict[str, torch.Tensor], images: torch.Tensor,
+                     keep: torch.Tensor | None) -> torch.Tensor:
+    """One run's model written with torch.nn.functional, for autograd to differentiate."""
+    act = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+           "gelu": torch.nn.functional.gelu}[settings.activation]
+    x = images.float()[:, None, :] / 255.0
+    if settings.conv:
+        x = act(torch.nn.functional.conv1d(x, params["conv_weight"].view(1, 1, 3),
+                                           params["conv_bias"]))
+    if settings.pool:
+        x = torch.nn.functional.max_pool1d(x, 2)
+    hidden = act(x.squeeze(1) @ params["weight1"] + params["bias1"])
+    if keep is not None:
+        hidden = hidden * keep
+    return hidden @ params["weight2"] + params["bias2"]
+
+
+def reference_loss(settings: Settings, params: dict[str, torch.Tensor], images: torch.Tensor,
+                   labels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    logits = reference_logits(settings, params, images, keep)
+    if settings.loss == "mse":
+        return torch.nn.functional.mse_loss(logits, torch.nn.functional.one_hot(labels, 10).float())
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "gelu"])
+@pytest.mark.parametrize("front", ["mlp", "pool", "conv", "conv-pool"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_written_out_gradients_equal_autograd(activation: str, front: str, loss: str) -> None:
+    """The engine's explicit backward pass gives autograd's gradients for every run."""
+    settings = replace(BASE, activation=activation, loss=loss, width=12,
+                       conv="conv" in front, pool="pool" in front)
+    variants = [settings, replace(settings, init="kaiming", dropout=0.5),
+                replace(settings, init="xavier", dropout=0.2)]
+    block = model_module.Block(variants * 2, [0, 1], "cpu")
+    data = band_dataset(train_size=16, test_size=10)
+    images = torch.stack([data.train_images[:16], data.train_images.flip(0)[:16]])  # (S, B, 784)
+    labels = torch.stack([data.train_labels[:16], data.train_labels.flip(0)[:16]])
+    uniform = torch.rand(2, 16, 12, generator=torch.Generator().manual_seed(0))
+    trace = block.forward(images, uniform)
+    member_labels = labels[:, None].expand(2, 3, 16).flatten(0, 1)
+    losses, logit_grad = member_losses(trace.logits, member_labels, loss, with_grad=True)
+    grads = gradients(block, trace, logit_grad)
+    grads.materialize(block)
+    for m in range(block.members):
+        params = {name: tensor.clone().requires_grad_(True)
+                  for name, tensor in block.member_weights(m).items()}
+        keep = None if trace.keep is None else trace.keep[m]
+        expected_loss = reference_loss(variants[m % 3], params, images[m // 3],
+                                       member_labels[m], keep)
+        expected_loss.backward()
+        assert losses[m].item() == pytest.approx(expected_loss.item(), rel=1e-5)
+        ours = block.member_weights(m, grads.params)
+        for name, param in params.items():
+            torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda text: f"{name} of member {m}: {text}")
+
+
+@pytest.mark.parametrize("optimizer", [
+    pytest.param({"lr": 0.5}, id="sgd"),
+    pytest.param({"lr": 0.1, "momentum": 0.9}, id="momentum"),
+    pytest.param({"lr": 0.5, "weight_decay": 0.01}, id="weight-decay"),
+    pytest.param({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}, id="momentum-decay"),
+    pytest.param({"lr": 0.01, "optimizer": "adam"}, id="adam"),
+])
+@pytest.mark.parametrize("front", ["mlp", "conv-pool"])
+def test_training_matches_torch_optim(optimizer: dict, front: str) -> None:
+    """A run trained by the engine equals the same run trained with torch.optim and autograd."""
+    settings = replace(BASE, epochs=1, conv=front == "conv-pool", pool=front == "conv-pool",
+                       **optimizer)
+    data = band_dataset(train_size=256, test_size=200)
+    result, = train_stack([Member("k", 4, settings)], data, Criteria(), PROVENANCE)
+
+    params = {name: tensor.clone().requires_grad_(True)
+              for name, tensor in model_module.init_member(settings, 4).items()}
+    if settings.optimizer == "adam":
+        torch_optimizer = torch.optim.Adam(params.values(), lr=settings.lr)
+    else:
+        torch_optimizer = torch.optim.SGD(params.values(), lr=settings.lr,
+                                          momentum=settings.momentum,
+                                          weight_decay=settings.weight_decay)
+    order = torch.randperm(256, generator=generator(4, "data"))
+    losses = []
+    for start in range(0, 256, settings.batch_size):
+        index = order[start:start + settings.batch_size]
+        loss = reference_loss(settings, params, data.train_images[index],
+                              data.train_labels[index], None)
+        torch_optimizer.zero_grad()
+        loss.backward()
+        torch_optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        logits = reference_logits(settings, params, data.test_images, None)
+    accuracy = (logits.argmax(dim=1) == data.test_labels).float().mean().item()
+    assert result.epochs[1].train_loss == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    assert result.epochs[1].test_accuracy == pytest.approx(accuracy, abs=1 / 200)
+
+
+def test_first_layer_norm_from_factors_equals_written_out_norm() -> None:
+    """The engine measures a shared first layer's gradient norm without forming the gradient."""
+    settings = replace(BASE, activation="relu", width=8, batch_size=16)
+    block = model_module.Block([settings, replace(settings, init="kaiming")] * 2, [0, 1], "cpu")
+    data = band_dataset(train_size=32, test_size=10)
+    images = data.train_images[:32].view(2, 16, 784)
+    labels = data.train_labels[:32].view(2, 1, 16).expand(2, 2, 16).flatten(0, 1)
+    trace = block.forward(images)
+    _, logit_grad = member_losses(trace.logits, labels, "cross_entropy", with_grad=True)
+    grads = gradients(block, trace, logit_grad)
+    from_factors = _grad_norms(block, grads)
+    grads.materialize(block)
+    assert grads.factors is None
+    written_out = _grad_norms(block, grads)
+    torch.testing.assert_close(from_factors, written_out, rtol=1e-5, atol=1e-6)
+    assert bool((written_out > 0).all())
+
+
+def test_dropout_keeps_a_unit_where_the_draw_reaches_the_probability() -> None:
+    settings = replace(BASE, width=4)
+    block = model_module.Block([settings, replace(settings, dropout=0.25),
+                                replace(settings, dropout=0.5)], [0], "cpu")
+    uniform = torch.tensor([[[0.1, 0.3, 0.5, 0.9]]])  # (S=1, B=1, H=4)
+    images = torch.zeros(1, 1, 784, dtype=torch.uint8)
+    keep = block.forward(images, uniform).keep
+    expected = torch.tensor([[[1.0, 1.0, 1.0, 1.0]],
+                             [[0.0, 4 / 3, 4 / 3, 4 / 3]],
+                             [[0.0, 0.0, 2.0, 2.0]]])
+    torch.testing.assert_close(keep, expected)

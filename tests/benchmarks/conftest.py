@@ -14,10 +14,15 @@ def pytest_terminal_summary(terminalreporter) -> None:
     summary = json.loads(SUMMARY.read_text())
     results = summary["results"]
     write = terminalreporter.write_line
+    workers = summary["workers"]
     write("")
-    write(f"mnistbench engine on {summary['device']}, torch {summary['torch']}, one thread:")
+    write(f"mnistbench engine on {summary['device']} ({summary['cpu']}), torch {summary['torch']}")
     if "matmul" in results:
-        write(f"  float32 matmul rate: {results['matmul']['gflops']:.1f} GFLOP/s")
+        write(f"  float32 matmul rate: {results['matmul']['gflops']:.1f} GFLOP/s with "
+              f"{workers} single-threaded worker{'s' if workers != 1 else ''}")
+    if "matmul_one_thread" in results:
+        write(f"  float32 matmul rate, one thread: "
+              f"{results['matmul_one_thread']['gflops']:.1f} GFLOP/s")
     for cell in ("mlp", "conv", "conv_pool"):
         entry = results.get(cell)
         if not entry or "engine_s" not in entry:
@@ -29,6 +34,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
         if "loop_s" in entry:
             line += (f", plain loop {entry['loop_s']:.3f} s "
                      f"(loop/engine {entry['loop_vs_engine']:.2f}x)")
+        if "engine_one_thread_vs_floor" in entry:
+            line += (f"; one process, one thread: {entry['engine_one_thread_s']:.3f} s "
+                     f"({entry['engine_one_thread_vs_floor']:.2f}x its floor)")
         write(line)
     if "memory" in results:
         memory = results["memory"]
