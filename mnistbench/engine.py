@@ -185,6 +185,7 @@ def _grad_norms(block: Block, gradients: Gradients) -> torch.Tensor:
     for name, grad in gradients.params.items():
         total += block.member_sums(name, grad.pow(2))
     if gradients.factors is not None:
+        assert block.shared_weight1, "only a shared first layer keeps its gradient in factors"
         a, b = gradients.factors  # (S, n, B), (S, B, V * H)
         gram = block.matmul(a.transpose(1, 2), a)  # (S, B, B)
         squares = block.matmul(gram, b).mul_(b)

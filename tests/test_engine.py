@@ -331,7 +331,7 @@ def test_training_matches_torch_optim(optimizer: dict, front: str) -> None:
     assert result.epochs[1].test_accuracy == pytest.approx(accuracy, abs=1 / 200)
 
 
-def test_first_layer_norm_from_factors_equals_written_out_norm() -> None:
+def test_factored_grad_norm_is_exact() -> None:
     """The engine measures a shared first layer's gradient norm without forming the gradient."""
     settings = replace(BASE, activation="relu", width=8, batch_size=16)
     block = model_module.Block([settings, replace(settings, init="kaiming")] * 2, [0, 1], "cpu")
@@ -349,7 +349,8 @@ def test_first_layer_norm_from_factors_equals_written_out_norm() -> None:
     assert bool((written_out > 0).all())
 
 
-def test_dropout_keeps_a_unit_where_the_draw_reaches_the_probability() -> None:
+def test_dropout_mask_and_scale() -> None:
+    """A unit is kept where its draw reaches the run's probability, scaled by 1 / (1 - p)."""
     settings = replace(BASE, width=4)
     block = model_module.Block([settings, replace(settings, dropout=0.25),
                                 replace(settings, dropout=0.5)], [0], "cpu")
