@@ -310,10 +310,11 @@ class Block:
         seeds, batch = images.shape[:2]
         act = self.activation
         shared = images.stride(0) == 0  # one batch for every seed, as in evaluation
+        # uint8 times a float is float32: one pass, where a conversion and a scaling took two.
         if shared:
-            pixels = (images[0].to(torch.float32) * (1.0 / 255.0)).expand(images.shape)
+            pixels = torch.mul(images[0], 1.0 / 255.0).expand(images.shape)
         else:
-            pixels = images.to(torch.float32) * (1.0 / 255.0)
+            pixels = torch.mul(images, 1.0 / 255.0)
         rows = front_in = front_out = gap = None
         x = pixels
         if self.conv:

@@ -8,6 +8,10 @@ this process with torch's default thread count, as a hand-written script would. 
 one-process, one-thread measurement of the engine against the one-thread matmul
 rate is kept beside it. The ratios are printed at the end and written to
 ``bench/summary.json``; ``docs/benchmarks.md`` records them.
+
+Every figure is the best of its rounds: the fastest time and the highest matmul rate.
+Other work on a shared machine only ever slows a round down, so the best round is the
+closest estimate of what the code itself costs, for the engine and its references alike.
 """
 
 from __future__ import annotations
@@ -95,22 +99,27 @@ def settings_of(cell: str):
 
 def test_matmul_rate(benchmark, gang: Gang | None) -> None:
     """The float32 matmul rate of all workers together: the floor's denominator."""
-    if gang is None:
-        rate = benchmark.pedantic(matmul_rate, kwargs={"size": MATMUL_SIZE, "seconds": 2.0,
-                                                       "device": DEVICE}, rounds=3, iterations=1)
-    else:
-        rate = sum(benchmark.pedantic(gang.run, args=("matmul",), kwargs={"seconds": 2.0},
-                                      rounds=3, iterations=1))
-    RESULTS["matmul"] = {"gflops": rate / 1e9, "workers": WORKERS}
-    assert rate > 1e9
+    rates = []
+
+    def measure() -> None:
+        if gang is None:
+            rates.append(matmul_rate(size=MATMUL_SIZE, seconds=2.0, device=DEVICE))
+        else:
+            rates.append(sum(gang.run("matmul", seconds=2.0)))
+
+    benchmark.pedantic(measure, rounds=3, iterations=1)
+    RESULTS["matmul"] = {"gflops": max(rates) / 1e9, "workers": WORKERS}
+    assert max(rates) > 1e9
 
 
 @pytest.mark.skipif(not ON_CPU, reason="the one-thread reference is measured on the CPU")
 def test_matmul_rate_one_thread(benchmark) -> None:
+    rates = []
     with threads(1):
-        rate = benchmark.pedantic(matmul_rate, kwargs={"seconds": 2.0}, rounds=3, iterations=1)
-    RESULTS["matmul_one_thread"] = {"gflops": rate / 1e9}
-    assert rate > 1e9
+        benchmark.pedantic(lambda: rates.append(matmul_rate(seconds=2.0)), rounds=3,
+                           iterations=1)
+    RESULTS["matmul_one_thread"] = {"gflops": max(rates) / 1e9}
+    assert max(rates) > 1e9
 
 
 @pytest.mark.parametrize("cell", list(BENCH_CELLS))
@@ -123,9 +132,9 @@ def test_engine_seconds_per_model_epoch(benchmark, gang: Gang | None, data: Devi
     else:
         benchmark.pedantic(gang.run, args=("engine",),
                            kwargs={"settings": settings, "seeds_per_worker": SEEDS},
-                           rounds=3, iterations=1, warmup_rounds=1)
+                           rounds=5, iterations=1, warmup_rounds=1)
     runs = WORKERS * SEEDS * len(bench_variants(settings))
-    seconds = benchmark.stats.stats.median / (runs * TRAIN_SUBSET / 60_000)
+    seconds = benchmark.stats.stats.min / (runs * TRAIN_SUBSET / 60_000)
     RESULTS.setdefault(cell, {}).update(engine_s=seconds, runs=runs, flops=_flops(settings))
     assert seconds > 0
 
@@ -138,7 +147,7 @@ def test_engine_one_process_one_thread(benchmark, data: DeviceData, cell: str) -
         benchmark.pedantic(engine_seconds, args=(settings, data, range(SEEDS)),
                            rounds=2, iterations=1, warmup_rounds=1)
     runs = SEEDS * len(bench_variants(settings))
-    seconds = benchmark.stats.stats.median / (runs * TRAIN_SUBSET / 60_000)
+    seconds = benchmark.stats.stats.min / (runs * TRAIN_SUBSET / 60_000)
     RESULTS.setdefault(cell, {})["engine_one_thread_s"] = seconds
     assert seconds > 0
 
@@ -147,9 +156,9 @@ def test_engine_one_process_one_thread(benchmark, data: DeviceData, cell: str) -
 def test_plain_loop_seconds_per_model_epoch(benchmark, data: DeviceData, cell: str) -> None:
     with threads(DEFAULT_THREADS):
         seconds = benchmark.pedantic(plain_loop_seconds, args=(settings_of(cell), data),
-                                     kwargs={"device": DEVICE}, rounds=3, iterations=1,
+                                     kwargs={"device": DEVICE}, rounds=5, iterations=1,
                                      warmup_rounds=1)
-    RESULTS.setdefault(cell, {})["loop_s"] = benchmark.stats.stats.median * 60_000 / TRAIN_SUBSET
+    RESULTS.setdefault(cell, {})["loop_s"] = benchmark.stats.stats.min * 60_000 / TRAIN_SUBSET
     RESULTS[cell]["loop_threads"] = DEFAULT_THREADS if ON_CPU else 0
     assert seconds > 0
 
