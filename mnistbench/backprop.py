@@ -123,8 +123,10 @@ def gradients(block: Block, trace: Trace, logit_grad: torch.Tensor) -> Gradients
         rows = trace.rows.view(seeds, CONV_TAPS + 1, 2, -1)
         even_rows = rows[:, :, 0]
         odd_minus_even = rows[:, :, 1] - even_rows
-        taps = block.matmul(grad.view(seeds, variants, -1), even_rows.transpose(1, 2))
-        taps += block.matmul(odd_share.view(seeds, variants, -1), odd_minus_even.transpose(1, 2))
+        taps = block.per_member_matmul(grad.view(block.members, 1, -1),
+                                       even_rows.transpose(1, 2))
+        taps += block.per_member_matmul(odd_share.view(block.members, 1, -1),
+                                        odd_minus_even.transpose(1, 2))
     else:
         if block.pool:
             unpooled = torch.empty(block.front_shape(batch), device=grad.device)
@@ -135,7 +137,8 @@ def gradients(block: Block, trace: Trace, logit_grad: torch.Tensor) -> Gradients
         else:
             grad = grad.view(block.front_shape(batch))
         grad = act.backward(grad, trace.front_out, trace.front_in)
-        taps = block.matmul(grad.view(seeds, variants, -1), trace.rows.transpose(1, 2))
+        taps = block.per_member_matmul(grad.view(block.members, 1, -1),
+                                       trace.rows.transpose(1, 2))
     taps = taps.view(block.members, CONV_TAPS + 1)
     grads["conv_weight"] = taps[:, :CONV_TAPS].contiguous()
     grads["conv_bias"] = taps[:, CONV_TAPS:].contiguous()

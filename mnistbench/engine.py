@@ -189,8 +189,9 @@ def _grad_norms(block: Block, gradients: Gradients) -> torch.Tensor:
         a, b = gradients.factors  # (S, n, B), (S, B, V * H)
         gram = block.matmul(a.transpose(1, 2), a)  # (S, B, B)
         squares = block.matmul(gram, b).mul_(b)
-        total += squares.view(block.seed_count, -1, block.variants, block.width).sum(
-            dim=(1, 3)).reshape(block.members)
+        per_member = squares.view(block.seed_count, -1, block.variants, block.width)
+        # One contiguous row per member, so the sum does not depend on the stack's size.
+        total += per_member.transpose(1, 2).reshape(block.members, -1).sum(dim=1)
     return total.sqrt()
 
 
@@ -306,6 +307,21 @@ def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
     if len(structures) != 1:
         raise ValueError(f"a stack needs runs of one structure; got {len(structures)}")
     device = torch.device(device)
+    if device.type != "cpu":
+        return _train(members, data, criteria, provenance, device)
+    # One thread: with more, the kernels split work by the tensors' sizes, and a run's
+    # numbers would depend on its stack and the core count. ablate fills the cores with
+    # one single-threaded worker process each.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(members, data, criteria, provenance, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, provenance: dict,
+           device: torch.device) -> list[RunResult]:
     # Saturated softmax and sigmoid units produce subnormal gradients, and CPU matmuls
     # on subnormal floats run several times slower (measured: 31 s against 11 s for a
     # stack of ReLU runs at lr 2.0). Flushing them to zero costs no accuracy that matters.

@@ -16,8 +16,8 @@ without the convolution front the first layer of a seed's runs is one wide matmu
 ``(S, batch, n) @ (S, n, V * width)``. With the front every run has its own input and
 the first layer is ``(M, batch, n) @ (M, n, width)``.
 
-The 3-tap convolution is one batched matmul with an inner dimension of 4: each
-seed's shifted pixel rows and a row of ones against each run's three taps and bias.
+The 3-tap convolution is a matmul with an inner dimension of 4: each run's three
+taps and bias against its seed's shifted pixel rows and a row of ones.
 Its output keeps even and odd positions in two contiguous halves, so the max-pool
 and its backward pass read contiguous memory. Without pooling, the first Linear's
 rows are stored in the same even-then-odd order, which leaves the product unchanged.
@@ -240,10 +240,14 @@ class Block:
         return sliced
 
     def member_sums(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a parameter-shaped tensor over everything but the member: ``(M,)``."""
+        """Sum a parameter-shaped tensor over everything but the member: ``(M,)``.
+
+        Each member's values are summed as one contiguous row, so a sum does not
+        depend on how many runs share the stack.
+        """
         if name == "weight1" and self.shared_weight1:
             view = tensor.view(self.seed_count, self.features, self.variants, self.width)
-            return view.sum(dim=(1, 3)).reshape(self.members)
+            return view.transpose(1, 2).reshape(self.members, -1).sum(dim=1)
         return tensor.reshape(self.members, -1).sum(dim=1)
 
     def zero_members(self, name: str, tensor: torch.Tensor, members: torch.Tensor) -> None:
@@ -260,6 +264,18 @@ class Block:
             columns = per_member.view(self.seed_count, self.variants)
             return columns.repeat_interleave(self.width, dim=1).view(self.seed_count, 1, -1)
         return per_member.view(-1, *([1] * (self.params[name].dim() - 1)))
+
+    def per_member_matmul(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """Multiply each member's ``lhs[m]`` by its seed's ``rhs[s]``: ``(M, r, n)``.
+
+        The products run one member at a time. A batched matmul with few rows picks
+        its kernel by the row count, which would make a run's numbers depend on how
+        many runs share its seed in the stack.
+        """
+        out = torch.empty(self.members, lhs.shape[1], rhs.shape[2], device=lhs.device)
+        for m in range(self.members):
+            torch.mm(lhs[m], rhs[m // self.variants], out=out[m])
+        return out
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Batched matmul in the block's precision, returned as float32."""
@@ -323,7 +339,7 @@ class Block:
             else:
                 rows = self.conv_rows(pixels)
             taps = torch.cat([self.params["conv_weight"], self.params["conv_bias"]], dim=1)
-            front_in = torch.bmm(taps.view(seeds, self.variants, CONV_TAPS + 1), rows)
+            front_in = self.per_member_matmul(taps[:, None], rows)
             front_in = front_in.view(self.front_shape(batch))
             if self.pool and act.monotone:
                 even, odd = front_in[:, 0], front_in[:, 1]

@@ -56,6 +56,7 @@ class Plan:
     device: str
     workers: int
     shard: Shard | None = None  # the part of the matrix this process trains; None for all
+    claimed_elsewhere: int = 0  # pending runs that another process on the store is training
 
     @property
     def assigned(self) -> list[tuple[Cell, int, str]]:
@@ -287,10 +288,10 @@ def _run_ablation(matrix: Matrix, store: Store, device: str | None, workers: int
     else:
         torch_device = cluster.resolve_device(device)
         workers = workers or cluster.slots(torch_device)
-    if torch_device.type == "cpu" and any(cell.settings.precision == "tf32"
-                                          for cell in matrix.cells()):
-        logger.warning("precision tf32 only changes CUDA matmuls; on the CPU those runs "
-                       "train in float32 and match their float32 twins")
+    reduced = sorted({cell.settings.precision for cell in matrix.cells()} - {"float32"})
+    if torch_device.type == "cpu" and reduced:
+        logger.warning("precision %s only changes CUDA matmuls; on the CPU those runs "
+                       "train in float32 and match their float32 twins", " and ".join(reduced))
     if workers < 1:
         raise MnistbenchError(f"--workers must be at least 1; got {workers}")
     if max_stack is None:
@@ -307,7 +308,7 @@ def _run_ablation(matrix: Matrix, store: Store, device: str | None, workers: int
         logger.info("%d runs are being trained by another process on this store; skipping them",
                     claimed_elsewhere)
     stacks = plan_stacks(mine, max_stack, workers) if mine else []
-    plan = Plan(plan.keyed, mine, stacks, plan.device, workers, shard)
+    plan = Plan(plan.keyed, mine, stacks, plan.device, workers, shard, claimed_elsewhere)
     if on_plan is not None:
         on_plan(plan)
     info = provenance(data.md5)

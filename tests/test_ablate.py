@@ -144,3 +144,27 @@ def test_bad_options_exit_2(tiny_matrix: Path, tmp_path: Path, extra: list[str],
     assert result.returncode == 2, result.stdout + result.stderr
     assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_claimed_runs_reported_apart(tiny_matrix: Path,
+                                      tmp_path: Path) -> None:
+    """Runs that a live process has claimed are reported apart from the stored ones."""
+    import torch
+
+    from mnistbench.data import load_dataset
+    from mnistbench.matrix import load_matrix
+    from mnistbench.scheduler import key_runs
+
+    store_path = tmp_path / "tiny.sqlite"
+    keys = [key for _, _, key in key_runs(load_matrix(tiny_matrix),
+                                          load_dataset("mnist", fetch=False).md5,
+                                          torch.device("cpu"))]
+    with Store(store_path) as store:
+        held = store.claim(keys[:6], "another-process")  # this test's pid: a live process
+    assert len(held) == 6
+    result = subprocess.run(ablate_command(tiny_matrix, store_path), capture_output=True,
+                            text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (f"16 runs, 0 already in {store_path}, 6 being trained by another process, "
+            f"10 to train") in result.stdout
+    assert "trained 10 runs" in result.stdout

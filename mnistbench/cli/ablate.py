@@ -112,12 +112,14 @@ def run(args: argparse.Namespace) -> int:
     model_epochs = 0
 
     def on_plan(plan: Plan) -> None:
-        finished = len(plan.assigned) - len(plan.pending)
+        finished = len(plan.assigned) - len(plan.pending) - plan.claimed_elsewhere
         scope = f"{len(plan.keyed)} runs"
         if plan.shard is not None:
             scope += f" ({len(plan.assigned)} in shard {plan.shard})"
+        elsewhere = (f", {plan.claimed_elsewhere} being trained by another process"
+                     if plan.claimed_elsewhere else "")
         print(f"ablation {matrix.name}: {scope}, {finished} already in "
-              f"{store_path}, {len(plan.pending)} to train in {len(plan.stacks)} stacks "
+              f"{store_path}{elsewhere}, {len(plan.pending)} to train in {len(plan.stacks)} stacks "
               f"on {plan.device} ({plan.workers} worker{'s' if plan.workers != 1 else ''})")
         bar.reset(total=len(plan.pending))
 
