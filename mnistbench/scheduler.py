@@ -290,7 +290,7 @@ def _run_ablation(matrix: Matrix, store: Store, device: str | None, workers: int
         workers = workers or cluster.slots(torch_device)
     reduced = sorted({cell.settings.precision for cell in matrix.cells()} - {"float32"})
     if torch_device.type == "cpu" and reduced:
-        logger.warning("precision %s only changes CUDA matmuls; on the CPU those runs "
+        logger.warning("precision %s applies to CUDA matmuls only; on the CPU those runs "
                        "train in float32 and match their float32 twins", " and ".join(reduced))
     if workers < 1:
         raise MnistbenchError(f"--workers must be at least 1; got {workers}")

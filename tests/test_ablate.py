@@ -160,8 +160,8 @@ def test_claimed_runs_reported_apart(tiny_matrix: Path,
                                           load_dataset("mnist", fetch=False).md5,
                                           torch.device("cpu"))]
     with Store(store_path) as store:
-        held = store.claim(keys[:6], "another-process")  # this test's pid: a live process
-    assert len(held) == 6
+        claimed = store.claim(keys[:6], "another-process")  # this test's pid: a live process
+    assert len(claimed) == 6
     result = subprocess.run(ablate_command(tiny_matrix, store_path), capture_output=True,
                             text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
