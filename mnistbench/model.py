@@ -268,13 +268,16 @@ class Block:
     def per_member_matmul(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """Multiply each member's ``lhs[m]`` by its seed's ``rhs[s]``: ``(M, r, n)``.
 
-        The products run one member at a time. A batched matmul with few rows picks
-        its kernel by the row count, which would make a run's numbers depend on how
-        many runs share its seed in the stack.
+        Each member's product is its own matrix of a batched matmul, against its
+        seed's ``rhs`` repeated without a copy. One matmul of all of a seed's members
+        would pick its kernel by the member count, and a run's numbers would then
+        depend on how many runs share its seed in the stack.
         """
+        variants = self.variants
         out = torch.empty(self.members, lhs.shape[1], rhs.shape[2], device=lhs.device)
-        for m in range(self.members):
-            torch.mm(lhs[m], rhs[m // self.variants], out=out[m])
+        for s in range(self.seed_count):
+            members = slice(s * variants, (s + 1) * variants)
+            torch.bmm(lhs[members], rhs[s].expand(variants, -1, -1), out=out[members])
         return out
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
