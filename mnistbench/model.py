@@ -53,8 +53,8 @@ STRUCTURE_FIELDS = ("activation", "conv", "pool", "width", "loss", "optimizer", 
 class Activation:
     """An activation applied in place, and its derivative from the saved tensors.
 
-    ``backward(grad, output, input)`` returns the gradient with respect to the input;
-    ``needs_input`` says whether the input must be kept for it. A ``monotone``
+    ``backward(grad, output, input)`` returns the gradient with respect to the input.
+    ``needs_input`` is True when that derivative needs the input kept. A ``monotone``
     activation commutes with max-pooling, so the front pools first and activates
     half as many values.
     """
@@ -136,18 +136,21 @@ PARITY_ORDER = torch.cat([torch.arange(0, CONV_OUTPUTS, 2), torch.arange(1, CONV
 
 @dataclass
 class Trace:
-    """What a forward pass keeps for the backward pass; shapes for ``M`` runs, batch ``B``.
+    """What a forward pass keeps for the backward pass, for ``M`` runs and batch ``B``.
 
-    ``pixels`` (S, B, 784) float images. With the convolution front: ``rows``
-    (S, 4, B * 782) its inputs; ``front_in`` its pre-activation (kept only when the
-    activation's derivative needs it); ``front_out`` its output in the layout of
-    :meth:`Block.front_shape`, or (M, B, 391) when pooled before the activation;
-    ``pool_gap`` (M, B, 391) the odd
-    position's value minus the even one's, where pooling picked from. ``first_input``
-    is the first Linear's input, (S, B, n) shared by a seed's runs or (M, B, n);
-    ``pre`` (M, B, H) the hidden pre-activation (kept only when needed); ``hidden`` its
-    activation; ``keep`` the dropout scale or None; ``dropped`` the hidden units after
-    dropout; ``logits`` (M, B, 10).
+    - ``pixels``: (S, B, 784) float images.
+    - ``rows``: the convolution's inputs, (S, 4, B * 782), or None without the front.
+    - ``front_in``: the front's pre-activation, kept only when the activation's
+      derivative needs it.
+    - ``front_out``: the front's output in the layout of :meth:`Block.front_shape`, or
+      (M, B, 391) when pooled before the activation.
+    - ``pool_gap``: (M, B, 391), each pair's odd value minus its even value.
+    - ``first_input``: the first Linear's input, (S, B, n) shared by a seed's runs, or
+      (M, B, n).
+    - ``pre``: (M, B, H) hidden pre-activation, kept only when needed.
+    - ``hidden``, ``keep``, ``dropped``: its activation, the dropout scale (or None),
+      and the hidden units after dropout.
+    - ``logits``: (M, B, 10).
     """
 
     pixels: torch.Tensor
