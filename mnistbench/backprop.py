@@ -112,7 +112,7 @@ def gradients(block: Block, trace: Trace, logit_grad: torch.Tensor) -> Gradients
         return Gradients(grads, factors)
     factors = (trace.first_input.transpose(1, 2), grad)
     grad = block.matmul(grad, params["weight1"].transpose(1, 2))  # (M, B, n)
-    seeds, variants = block.seed_count, block.variants
+    seeds = block.seed_count
     if block.pool and act.monotone:
         # Pooled before the activation: the pooled unit passes its gradient to the
         # larger of its pair, the even one on a tie. With the odd share written out,
