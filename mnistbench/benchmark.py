@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistbench.engine import DeviceData
-from mnistbench.matrix import Settings
+from mnistbench.engine import DeviceData, Member, train_stack
+from mnistbench.matrix import Criteria, Settings
 from mnistbench.model import CONV_TAPS, IMAGE_PIXELS, NUM_CLASSES
 
 MATMUL_SIZE = 1024  # square float32 matmul used to measure the machine's rate
@@ -156,9 +156,6 @@ def bench_variants(settings: Settings) -> list[Settings]:
 def engine_seconds(settings: Settings, data: DeviceData, seeds: range,
                    device: str = "cpu") -> float:
     """Train the benchmark stack (``seeds`` x :func:`bench_variants`); return wall seconds."""
-    from mnistbench.engine import Member, train_stack
-    from mnistbench.matrix import Criteria
-
     members = [Member(f"bench-{i}-{seed}", seed, variant)
                for seed in seeds for i, variant in enumerate(bench_variants(settings))]
     provenance = {"package_version": "bench", "git_commit": "bench",
@@ -190,7 +187,7 @@ class Gang:
         self.run("ready")
 
     def run(self, task: str, **kwargs) -> list:
-        """Send a task to every worker at once and return their answers in worker order.
+        """Send a task to every worker at once and return their results in worker order.
 
         Tasks: ``matmul`` (FLOP/s over ``seconds``), ``engine`` (wall seconds to train
         ``settings`` for the worker's own ``seeds_per_worker`` seeds), ``ready``.
@@ -198,13 +195,15 @@ class Gang:
         for worker, connection in enumerate(self.connections):
             connection.send((task, worker, kwargs))
         try:
-            answers = [connection.recv() for connection in self.connections]
+            results = [connection.recv() for connection in self.connections]
         except (EOFError, ConnectionError) as error:
-            raise RuntimeError(f"a benchmark worker exited before answering {task!r}") from error
-        failed = [answer for answer in answers if isinstance(answer, str)]
+            raise RuntimeError(
+                f"a benchmark worker exited before returning a result for task {task!r}; "
+                f"look for its error in the output above") from error
+        failed = [result for result in results if isinstance(result, str)]
         if failed:
-            raise RuntimeError(f"a benchmark worker failed: {failed[0]}")
-        return answers
+            raise RuntimeError(f"benchmark task {task!r} failed in a worker:\n{failed[0]}")
+        return results
 
     def close(self) -> None:
         for connection in self.connections:

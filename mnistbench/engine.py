@@ -338,6 +338,9 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
     train_size = data.train_labels.shape[0] if subset is None else subset.shape[0]
     history: list[list[EpochRecord]] = [[] for _ in members]
     diverged = [torch.zeros(block.members, dtype=torch.bool, device=device) for block in blocks]
+    # Whether a block has a frozen member, kept in Python so that a step need not ask
+    # the device.
+    any_frozen = [False] * len(blocks)
     final_eval: list[dict] = []
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = first.precision == "tf32"
@@ -383,7 +386,8 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
                     if bool(bad.any()):
                         optimizers[b].freeze(bad)
                         diverged[b] |= bad
-                    if bool(diverged[b].any()):
+                        any_frozen[b] = True
+                    if any_frozen[b]:
                         _silence(block, grads, diverged[b])
                     if measure:
                         norm_sums[b] += torch.where(diverged[b], 0.0,
@@ -400,6 +404,7 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
                 newly = ~finite & ~diverged[b]
                 optimizers[b].freeze(newly)
                 diverged[b] |= newly
+                any_frozen[b] = True
             result = evaluate(block, data.test_images, data.test_labels, first.activation,
                               confusion=last)
             if last:

@@ -136,7 +136,7 @@ PARITY_ORDER = torch.cat([torch.arange(0, CONV_OUTPUTS, 2), torch.arange(1, CONV
 
 @dataclass
 class Trace:
-    """What a forward pass keeps for the backward pass, for ``M`` runs and batch ``B``.
+    """Tensors that a forward pass keeps for the backward pass, for ``M`` runs and batch ``B``.
 
     - ``pixels``: (S, B, 784) float images.
     - ``rows``: the convolution's inputs, (S, 4, B * 782), or None without the front.
@@ -298,10 +298,10 @@ class Block:
         return self.members, batch, 2, half
 
     def conv_rows(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The convolution's inputs for each seed: ``(S, 4, B * 782)``.
+        """Build the convolution's inputs for each seed: ``(S, 4, B * 782)``.
 
-        Row ``k < 3`` holds pixel ``i + k`` for every output position ``i``, in the
-        order of :meth:`front_shape`; row 3 holds ones for the bias.
+        Row ``k < 3`` contains pixel ``i + k`` for every output position ``i``, in the
+        order of :meth:`front_shape`. Row 3 contains ones for the bias.
         """
         seeds, batch = pixels.shape[:2]
         even, odd = pixels[..., 0::2], pixels[..., 1::2]  # (S, B, 392) each
