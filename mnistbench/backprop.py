@@ -112,34 +112,33 @@ def gradients(block: Block, trace: Trace, logit_grad: torch.Tensor) -> Gradients
         return Gradients(grads, factors)
     factors = (trace.first_input.transpose(1, 2), grad)
     grad = block.matmul(grad, params["weight1"].transpose(1, 2))  # (M, B, n)
-    seeds = block.seed_count
-    if block.pool and act.monotone:
+    members, rows = block.members, trace.rows.transpose(1, 2)
+    if not block.pool:
+        grad = act.backward(grad.view(block.front_shape(batch)), trace.front_out, trace.front_in)
+        taps = block.per_member_matmul(grad.view(members, 1, -1), rows)[:, 0]  # (M, 4)
+        grads["conv_weight"] = taps[:, :CONV_TAPS].contiguous()
+        grads["conv_bias"] = taps[:, CONV_TAPS:].contiguous()
+        return Gradients(grads, factors)
+    # Against the pooled rows, a pair's even output reads rows 0-2 and its odd
+    # output rows 1-3: sums[m, j, k] pairs gradient row j with pixel row k.
+    shares = torch.empty(block.front_shape(batch), device=grad.device).view(members, 2, -1)
+    if act.monotone:
         # Pooled before the activation: the pooled unit passes its gradient to the
-        # larger of its pair, the even one on a tie. With the odd share written out,
-        # the even share never needs to be: the taps' gradient is
-        # grad . even_rows + odd_share . (odd_rows - even_rows).
-        grad = act.backward(grad, trace.front_out, None)
-        odd_share = torch.ops.aten.threshold_backward(grad, trace.pool_gap, 0)
-        rows = trace.rows.view(seeds, CONV_TAPS + 1, 2, -1)
-        even_rows = rows[:, :, 0]
-        odd_minus_even = rows[:, :, 1] - even_rows
-        taps = block.per_member_matmul(grad.view(block.members, 1, -1),
-                                       even_rows.transpose(1, 2))
-        taps += block.per_member_matmul(odd_share.view(block.members, 1, -1),
-                                        odd_minus_even.transpose(1, 2))
+        # larger of its pair, the even one on a tie. Row 0 holds the whole gradient
+        # and row 1 the odd share, so the even share is row 0 minus row 1.
+        act.backward(grad, trace.front_out, None, out=shares[:, 0].view_as(grad))
+        torch.ops.aten.threshold_backward.grad_input(
+            shares[:, 0], trace.pool_gap.flatten(1), 0, grad_input=shares[:, 1])
+        sums = block.per_member_matmul(shares, rows)  # (M, 2, 5)
+        even, odd = sums[:, 0] - sums[:, 1], sums[:, 1]
     else:
-        if block.pool:
-            unpooled = torch.empty(block.front_shape(batch), device=grad.device)
-            torch.ops.aten.threshold_backward.grad_input(grad, trace.pool_gap, 0,
-                                                         grad_input=unpooled[:, 1])
-            torch.sub(grad, unpooled[:, 1], out=unpooled[:, 0])
-            grad = unpooled
-        else:
-            grad = grad.view(block.front_shape(batch))
-        grad = act.backward(grad, trace.front_out, trace.front_in)
-        taps = block.per_member_matmul(grad.view(block.members, 1, -1),
-                                       trace.rows.transpose(1, 2))
-    taps = taps.view(block.members, CONV_TAPS + 1)
-    grads["conv_weight"] = taps[:, :CONV_TAPS].contiguous()
-    grads["conv_bias"] = taps[:, CONV_TAPS:].contiguous()
+        odd_share = torch.ops.aten.threshold_backward(grad, trace.pool_gap, 0).flatten(1)
+        torch.sub(grad.flatten(1), odd_share, out=shares[:, 0])
+        shares[:, 1] = odd_share
+        front_grad = shares.view(block.front_shape(batch))
+        act.backward(front_grad, trace.front_out, trace.front_in, out=front_grad)
+        sums = block.per_member_matmul(shares, rows)
+        even, odd = sums[:, 0], sums[:, 1]
+    grads["conv_weight"] = even[:, :CONV_TAPS] + odd[:, 1:CONV_TAPS + 1]
+    grads["conv_bias"] = even[:, CONV_TAPS + 1:] + odd[:, CONV_TAPS + 1:]
     return Gradients(grads, factors)

