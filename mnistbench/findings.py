@@ -58,10 +58,25 @@ RATE_COLUMNS = {"converged": "convergence_rate", "collapsed": "collapse_rate"}
 
 
 def describe_sample(row: dict) -> str:
-    """Describe the runs behind a difference: "40 paired runs" or "12 and 10 unpaired runs"."""
+    """Describe the runs behind a difference: "40 paired runs" or "12 and 10 unpaired runs".
+
+    The counts are those the estimate uses. Pairs or runs left out because a run has no
+    final accuracy (it diverged or crashed) are counted after a semicolon.
+    """
+    dropped = row["dropped"]
     if row["paired"]:
-        return f"{row['pairs']} paired runs"
-    return f"{row['treatment_runs']} and {row['control_runs']} unpaired runs"
+        text = f"{row['estimate'].n} paired runs"
+        if dropped == 1:
+            text += "; 1 pair left out because a run in it has no final accuracy"
+        elif dropped:
+            text += f"; {dropped} pairs left out because a run in each has no final accuracy"
+        return text
+    text = f"{row['treatment_used']} and {row['control_used']} unpaired runs"
+    if dropped == 1:
+        text += "; 1 run without a final accuracy left out"
+    elif dropped:
+        text += f"; {dropped} runs without a final accuracy left out"
+    return text
 
 
 def level_label(factor: str, level: str) -> str:

@@ -190,6 +190,15 @@ def test_markdown_cells_show_missing_and_diverged(hostile_report):
     assert diverged[10].strip() == "never (0 of 4 reached)"
 
 
+def test_markdown_differences_count_pairs_used(hostile_report):
+    text = hostile_report.markdown.read_text(encoding="utf-8")
+    rows = {(row[0].strip(), row[3].strip()): row
+            for row in markdown_table(text, "Level differences")[1:]}
+    # Every width=80 run that is stored diverged, so no width pair has two accuracies.
+    assert rows[("width", "accuracy")][5].strip() == "0 pairs; 4 without accuracy left out"
+    assert rows[("width", "converged")][5].strip() == "4 pairs"
+
+
 def test_markdown_links_figures_beside_it(hostile_report):
     text = hostile_report.markdown.read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
