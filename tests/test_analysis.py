@@ -440,3 +440,41 @@ def test_is_clear_needs_finite_interval():
     assert is_clear(estimate(1.0, 0.5, 1.5))
     assert not is_clear(estimate(1.0, -0.5, 1.5))
     assert not is_clear(Estimate(np.nan, np.nan, np.nan, 0, "none"))
+
+
+def test_pooled_claim_names_varying_factors(tmp_path):
+    matrix = {"name": "lr", "seeds": 3, "factors": {"lr": [0.5, 1e6]}}
+
+    def plan(cell, seed):
+        return Planned(accuracy=0.92 if cell.settings.lr < 1 else 0.1)
+
+    with build_store(tmp_path / "s.sqlite", matrix, plan) as store:
+        result = claim_result(analyze(store), "e")
+    assert result.pooled_over == (("lr", ("0.5", "1000000.0")),)
+    assert result.detail.startswith(
+        "median accuracy 51.0% [10.0%, 92.0%] over 6 runs with conv=false, pool=false, "
+        "dropout=0.0, activation=sigmoid, width=100, init in (default, uniform), pooled over "
+        "lr (0.5, 1000000.0) (median, ")
+
+
+def test_pooled_claim_of_one_cell_pools_nothing(pool_analysis):
+    result = claim_result(pool_analysis, "e")
+    assert result.pooled_over == ()
+    assert "pooled over" not in result.detail
+
+
+def test_paired_claim_names_varying_factors(tmp_path):
+    matrix = {"name": "p", "seeds": 3, "factors": {
+        "pool": [False, True], "lr": [0.5, 1e6], "dropout": [0.0, 0.25, 0.5]}}
+    with build_store(tmp_path / "s.sqlite", matrix, planted) as store:
+        analysis = analyze(store)
+    pool = claim_result(analysis, "b")
+    assert pool.pooled_over == (("lr", ("0.5", "1000000.0")), ("dropout", ("0.0", "0.25", "0.5")))
+    assert ("over 18 paired runs, pooled over lr (0.5, 1000000.0) and dropout (0.0, 0.25, 0.5) "
+            "(mean paired difference") in pool.detail
+    # The treatment runs of the dropout claim mix two dropout levels.
+    dropout = claim_result(analysis, "c")
+    assert dropout.pooled_over == (("pool", ("false", "true")), ("lr", ("0.5", "1000000.0")),
+                                   ("dropout", ("0.25", "0.5")))
+    assert ("over 24 paired runs, pooled over pool (false, true), lr (0.5, 1000000.0) and "
+            "dropout (0.25, 0.5)") in dropout.detail

@@ -256,6 +256,22 @@ def test_sparse_stores_render(tmp_path, matrix, run_plan, expected):
     assert len(parse_page(paths.html).images) == 4
 
 
+def test_claims_table_names_pooled_factors(tmp_path):
+    matrix = {"name": "lr", "seeds": 3, "factors": {"lr": [0.5, 1e6]}}
+    build_store(tmp_path / "s.sqlite", matrix,
+                lambda cell, seed: Planned(accuracy=0.92 if cell.settings.lr < 1 else 0.1)
+                ).close()
+    paths = write_report(tmp_path / "s.sqlite", tmp_path / "out")
+    text = paths.markdown.read_text(encoding="utf-8")
+    claims = markdown_table(text, "Claims from the original hand-tuned experiments")
+    assert [cell.strip() for cell in claims[0]] == ["claim", "verdict", "numbers", "rule"]
+    plain = next(row for row in claims if "784-100-10" in row[0])
+    assert "over 6 runs with " in plain[2]
+    assert "pooled over lr (0.5, 1000000.0)" in plain[2]
+    page = " ".join(parse_page(paths.html).text)
+    assert "init in (default, uniform), pooled over lr (0.5, 1000000.0)" in page
+
+
 # -- writing ----------------------------------------------------------------------------
 
 
