@@ -292,22 +292,33 @@ def compare(treatment: pd.DataFrame, control: pd.DataFrame, keys: list[str],
     """Estimate ``treatment - control`` of one metric, paired on ``keys`` when possible.
 
     Pairs are runs that agree on every key column (the other factors and the seed).
-    When no pair exists, both groups are compared unpaired instead.
+    When no pair exists, both groups are compared unpaired instead. Runs without a
+    finite value (accuracy of a diverged or crashed run) are left out of either estimate.
 
     Returns:
         ``estimate`` (Estimate in points), ``paired`` (bool), ``pairs`` (pairs formed,
-        0 when unpaired) and ``dropped`` (pairs without a finite value on both sides).
+        0 when unpaired), ``dropped`` (pairs, or runs when unpaired, left out for lack of
+        a finite value), ``treatment_used`` and ``control_used`` (runs of each side that
+        the estimate uses).
     """
-    columns = [*keys, "_value"]
+    columns = [*keys, "run_key", "_value"]
     pairs = pair_runs(treatment.assign(_value=metric_values(treatment, metric))[columns],
                       control.assign(_value=metric_values(control, metric))[columns], keys)
     if len(pairs):
         estimate = paired_difference(pairs["_value_t"].to_numpy(), pairs["_value_c"].to_numpy())
+        used = pairs[np.isfinite(pairs["_value_t"]) & np.isfinite(pairs["_value_c"])]
         return {"estimate": estimate, "paired": True, "pairs": len(pairs),
-                "dropped": len(pairs) - estimate.n}
-    estimate = unpaired_difference(metric_values(treatment, metric).to_numpy(),
-                                   metric_values(control, metric).to_numpy())
-    return {"estimate": estimate, "paired": False, "pairs": 0, "dropped": 0}
+                "dropped": len(pairs) - estimate.n,
+                "treatment_used": used["run_key_t"].nunique(),
+                "control_used": used["run_key_c"].nunique()}
+    treatment_values = metric_values(treatment, metric).to_numpy()
+    control_values = metric_values(control, metric).to_numpy()
+    treatment_used = int(np.isfinite(treatment_values).sum())
+    control_used = int(np.isfinite(control_values).sum())
+    estimate = unpaired_difference(treatment_values, control_values)
+    return {"estimate": estimate, "paired": False, "pairs": 0,
+            "dropped": len(treatment) + len(control) - treatment_used - control_used,
+            "treatment_used": treatment_used, "control_used": control_used}
 
 
 def compare_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.DataFrame:
@@ -320,7 +331,8 @@ def compare_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.Data
     Returns:
         One row per factor, level pair and metric: ``factor``, ``treatment``,
         ``control``, ``metric`` (see :data:`METRICS`), ``estimate`` (Estimate in points),
-        ``paired``, ``pairs``, ``dropped``, ``treatment_runs``, ``control_runs``.
+        ``paired``, ``pairs``, ``dropped``, ``treatment_used``, ``control_used`` (see
+        :func:`compare`), ``treatment_runs``, ``control_runs`` (stored runs of each level).
     """
     records = []
     for factor, levels in factors.items():
@@ -337,7 +349,7 @@ def compare_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.Data
                     "treatment_runs": len(treatment), "control_runs": len(control),
                 })
     columns = ["factor", "treatment", "control", "metric", "estimate", "paired", "pairs",
-               "dropped", "treatment_runs", "control_runs"]
+               "dropped", "treatment_used", "control_used", "treatment_runs", "control_runs"]
     return pd.DataFrame.from_records(records, columns=columns)
 
 

@@ -15,6 +15,7 @@ it compares and the rule that turns an interval into a verdict.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,9 @@ CLAIMS_NOTE = (
     "mnistbench grew out of hand-tuned experiments with this model family (a flattened "
     "image, an optional Conv1d(1,1,3) front, max-pooling, dropout, plain SGD). Their "
     "conclusions are tested here against this ablation's runs, so each verdict holds for "
-    "this matrix's training settings; ablations/notebook.yaml reproduces the original setups."
+    "this matrix's training settings; ablations/notebook.yaml reproduces the original setups. "
+    "Where a claim's runs span several levels of a factor, its numbers pool those levels and "
+    "name them after \"pooled over\"; the cells table shows each level on its own."
 )
 FINDINGS_NOTE = (
     "Each difference averages over the levels of the other factors. Where two factors "
@@ -58,10 +61,25 @@ RATE_COLUMNS = {"converged": "convergence_rate", "collapsed": "collapse_rate"}
 
 
 def describe_sample(row: dict) -> str:
-    """Describe the runs behind a difference: "40 paired runs" or "12 and 10 unpaired runs"."""
+    """Describe the runs behind a difference: "40 paired runs" or "12 and 10 unpaired runs".
+
+    The counts are those the estimate uses. Pairs or runs left out because a run has no
+    final accuracy (it diverged or crashed) are counted after a semicolon.
+    """
+    dropped = row["dropped"]
     if row["paired"]:
-        return f"{row['pairs']} paired runs"
-    return f"{row['treatment_runs']} and {row['control_runs']} unpaired runs"
+        text = f"{row['estimate'].n} paired runs"
+        if dropped == 1:
+            text += "; 1 pair left out because a run in it has no final accuracy"
+        elif dropped:
+            text += f"; {dropped} pairs left out because a run in each has no final accuracy"
+        return text
+    text = f"{row['treatment_used']} and {row['control_used']} unpaired runs"
+    if dropped == 1:
+        text += "; 1 run without a final accuracy left out"
+    elif dropped:
+        text += f"; {dropped} runs without a final accuracy left out"
+    return text
 
 
 def level_label(factor: str, level: str) -> str:
@@ -329,6 +347,34 @@ class ClaimResult:
     verdict: str  # SUPPORTED | CONTRADICTED | INCONCLUSIVE | NOT_TESTED
     estimate: Estimate | None
     detail: str  # the numbers, or why the matrix cannot test the claim
+    # Factors whose levels the estimate pools, each with the levels found among its runs
+    # in declared order.
+    pooled_over: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def varying_factors(runs: pd.DataFrame, factors: Mapping[str, list[str]]
+                    ) -> list[tuple[str, tuple[str, ...]]]:
+    """Return each factor with more than one level among ``runs``, and those levels."""
+    varying = []
+    for factor, declared in factors.items():
+        levels = _in_declared_order(set(runs[factor]), declared)
+        if len(levels) > 1:
+            varying.append((factor, levels))
+    return varying
+
+
+def _in_declared_order(levels: set[str], declared: list[str]) -> tuple[str, ...]:
+    """Order level texts as declared, with any undeclared ones last."""
+    return tuple([level for level in declared if level in levels]
+                 + sorted(levels - set(declared)))
+
+
+def describe_pooled(pooled_over: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+    """Describe pooled factors as in "pooled over lr (0.5, 2.0) and width (80, 100)"."""
+    parts = [f"{factor} ({', '.join(levels)})" for factor, levels in pooled_over]
+    if len(parts) > 1:
+        parts = [", ".join(parts[:-1]), parts[-1]]
+    return "pooled over " + " and ".join(parts)
 
 
 def runs_with_settings(analysis: Analysis) -> pd.DataFrame:
@@ -342,7 +388,8 @@ def _settings_view(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[columns].rename(columns=lambda c: c[2:])
 
 
-def _evaluate_paired(claim: Claim, subject: Paired, runs: pd.DataFrame) -> ClaimResult:
+def _evaluate_paired(claim: Claim, subject: Paired, runs: pd.DataFrame,
+                     factors: Mapping[str, list[str]]) -> ClaimResult:
     settings = _settings_view(runs)
     treatment = runs[subject.treatment.select(settings)]
     control = runs[subject.control.select(settings)]
@@ -366,9 +413,13 @@ def _evaluate_paired(claim: Claim, subject: Paired, runs: pd.DataFrame) -> Claim
                            f"none of the {len(pairs)} pairs of runs differing only in "
                            f"{subject.setting} has a finite accuracy on both sides")
 
+    used = pairs[np.isfinite(pairs["_value_t"]) & np.isfinite(pairs["_value_c"])]
+    pooled_over = _pooled_in_pairs(runs, used, factors)
     unit = "accuracy" if subject.metric == "accuracy" else f"{subject.metric} rate"
     detail = (f"paired difference in {unit} ({subject.treatment} minus {subject.control}): "
               f"{format_points(estimate)} over {estimate.n} paired runs")
+    if pooled_over:
+        detail += f", {describe_pooled(pooled_over)}"
     rate = None
     if subject.metric != "accuracy":
         # The rate of the treatment runs that entered a pair, each counted once.
@@ -378,10 +429,27 @@ def _evaluate_paired(claim: Claim, subject: Paired, runs: pd.DataFrame) -> Claim
     if len(pairs) > estimate.n:
         detail += f"; {len(pairs) - estimate.n} pairs without a finite accuracy left out"
     return ClaimResult(claim, claim.rule.verdict(estimate, rate), estimate,
-                       detail + f" ({estimate.method})")
+                       detail + f" ({estimate.method})", pooled_over)
 
 
-def _evaluate_pooled(claim: Claim, subject: Pooled, runs: pd.DataFrame) -> ClaimResult:
+def _pooled_in_pairs(runs: pd.DataFrame, pairs: pd.DataFrame,
+                     factors: Mapping[str, list[str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Return the factors whose level varies within the treatment or the control runs of pairs.
+
+    The mean of the paired differences pools every level of such a factor. A factor whose
+    level only separates treatment from control is not pooled.
+    """
+    pooled: dict[str, set[str]] = {}
+    for side in ("run_key_t", "run_key_c"):
+        side_runs = runs[runs["run_key"].isin(pairs[side])]
+        for factor, levels in varying_factors(side_runs, factors):
+            pooled.setdefault(factor, set()).update(levels)
+    return tuple((factor, _in_declared_order(pooled[factor], declared))
+                 for factor, declared in factors.items() if factor in pooled)
+
+
+def _evaluate_pooled(claim: Claim, subject: Pooled, runs: pd.DataFrame,
+                     factors: Mapping[str, list[str]]) -> ClaimResult:
     settings = _settings_view(runs)
     selected = np.ones(len(runs), dtype=bool)
     for match in subject.where:
@@ -396,16 +464,23 @@ def _evaluate_pooled(claim: Claim, subject: Pooled, runs: pd.DataFrame) -> Claim
         return ClaimResult(claim, INCONCLUSIVE, None,
                            f"none of the {len(chosen)} runs with {conditions} has a finite "
                            f"accuracy")
+    pooled_over = tuple(varying_factors(chosen[chosen["finite"]], factors))
     detail = (f"median accuracy {estimate.value:.1f}% [{estimate.lower:.1f}%, "
               f"{estimate.upper:.1f}%] over {estimate.n} runs with {conditions}")
+    if pooled_over:
+        detail += f", {describe_pooled(pooled_over)}"
     if len(chosen) > estimate.n:
         detail += f"; {len(chosen) - estimate.n} runs without a finite accuracy left out"
     return ClaimResult(claim, claim.rule.verdict(estimate), estimate,
-                       detail + f" ({estimate.method})")
+                       detail + f" ({estimate.method})", pooled_over)
 
 
-def evaluate_claim(claim: Claim, runs: pd.DataFrame) -> ClaimResult:
-    """Test one claim against runs joined with their settings (see :func:`runs_with_settings`)."""
+def evaluate_claim(claim: Claim, runs: pd.DataFrame,
+                   factors: Mapping[str, list[str]]) -> ClaimResult:
+    """Test one claim against runs joined with their settings (see :func:`runs_with_settings`).
+
+    ``factors`` maps each factor of the ablation to its level texts in declared order.
+    """
     settings = _settings_view(runs)
     needed = ([claim.subject.setting] if isinstance(claim.subject, Paired)
               else [match.setting for match in claim.subject.where])
@@ -414,11 +489,11 @@ def evaluate_claim(claim: Claim, runs: pd.DataFrame) -> ClaimResult:
         return ClaimResult(claim, NOT_TESTED, None,
                            f"the store has no setting {', '.join(absent)}")
     if isinstance(claim.subject, Paired):
-        return _evaluate_paired(claim, claim.subject, runs)
-    return _evaluate_pooled(claim, claim.subject, runs)
+        return _evaluate_paired(claim, claim.subject, runs, factors)
+    return _evaluate_pooled(claim, claim.subject, runs, factors)
 
 
 def evaluate_claims(analysis: Analysis, claims: tuple[Claim, ...] = CLAIMS) -> list[ClaimResult]:
     """Test each claim against the ablation's runs, in the order given."""
     runs = runs_with_settings(analysis)
-    return [evaluate_claim(claim, runs) for claim in claims]
+    return [evaluate_claim(claim, runs, analysis.factors) for claim in claims]

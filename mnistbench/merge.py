@@ -18,6 +18,8 @@ The rules:
   confusion matrix, error text and per-epoch metrics, with floats equal within
   ``FLOAT_TOLERANCE``. Its timing, host, device name and provenance may differ.
   The copy from the first store that has it is kept.
+- Within one ablation, each cell and seed must have at most one stored run, because
+  report and check reject a store where it has two.
 - Within one ablation, runs with another dataset MD5 or another package version
   are rejected unless ``allow_mismatch`` is set, because their numbers are not
   comparable. Other git commits and torch versions are only reported in
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnistbench.errors import MnistbenchError, StoreError
-from mnistbench.store import PROVENANCE_KEYS, Store
+from mnistbench.store import PROVENANCE_KEYS, Store, describe_duplicates, duplicated_runs
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +117,9 @@ def merge_stores(output: str | Path, inputs: Sequence[str | Path], *,
 
     Raises:
         StoreError: an input is missing or not a store, two stores disagree about an
-            ablation or a run, or (without ``allow_mismatch``) an ablation's runs have
-            other dataset MD5s or package versions.
+            ablation or a run, the merge would give a cell and seed two runs, or (without
+            ``allow_mismatch``) an ablation's runs have other dataset MD5s or package
+            versions.
     """
     output = Path(output)
     for path in map(Path, inputs):
@@ -174,7 +177,29 @@ def _combine(sources: Sequence[StoreContents], allow_mismatch: bool) -> _Merged:
                 duplicates += 1
             else:
                 runs[key] = (source, row)
+    for name, (source, _) in ablations.items():
+        _check_one_run_per_seed(name, source.members.get(name, []), runs, sources)
     return _Merged(ablations, runs, duplicates, notes)
+
+
+def _check_one_run_per_seed(name: str, members: list[dict],
+                            runs: dict[str, tuple[StoreContents, dict]],
+                            sources: Sequence[StoreContents]) -> None:
+    """Raise StoreError when the merged ablation would map a cell and seed to two runs."""
+    stored = [(m["cell_id"], m["seed"], m["run_key"]) for m in members if m["run_key"] in runs]
+    duplicated = duplicated_runs(stored)
+    if not duplicated:
+        return
+
+    def locate(key: str) -> str:
+        paths = [str(source.path) for source in sources if key in source.runs]
+        return f"{key} (in {', '.join(paths)})"
+
+    raise StoreError(
+        f"ablation '{name}' would contain duplicated runs: "
+        f"{describe_duplicates(duplicated, locate)}; every cell and seed must have one run, "
+        f"so report and check would reject the merged store; leave out the store with the "
+        f"unwanted run, or train the ablation again into a fresh store")
 
 
 def _check_provenance(sources: Sequence[StoreContents], allow_mismatch: bool) -> list[str]:

@@ -253,10 +253,12 @@ def differences_table(analysis: Analysis) -> dict:
               "method"]
     rows = []
     for row in analysis.differences.to_dict("records"):
-        runs = (f"{row['pairs']} pairs" + (f", {row['dropped']} without accuracy"
-                                          if row["dropped"] else "")
-                if row["paired"] else
-                f"{row['treatment_runs']} vs {row['control_runs']} unpaired")
+        if row["paired"]:
+            runs = f"{row['estimate'].n} pairs"
+        else:
+            runs = f"{row['treatment_used']} vs {row['control_used']} unpaired"
+        if row["dropped"]:
+            runs += f"; {row['dropped']} without accuracy left out"
         rows.append([row["factor"], row["treatment"], row["control"], row["metric"],
                      format_points(row["estimate"]), runs, row["estimate"].method])
     methods = ["difference: treatment minus control; accuracy in percentage points, "

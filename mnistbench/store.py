@@ -30,7 +30,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -362,16 +362,12 @@ class Store:
         frame["confusion"] = [json.loads(c) if isinstance(c, str) else None
                               for c in frame.pop("confusion_json")]
         frame = cells.merge(frame, on="cell_id", how="inner")
-        # Members are keyed by run key, so a hand-edited or merged store can map one cell
-        # and seed to two runs; every statistic assumes one.
-        duplicated = frame[frame.duplicated(["cell_id", "seed"], keep=False)]
-        if len(duplicated):
-            pairs = [f"cell {cell_id} seed {seed} has runs {', '.join(group['run_key'])}"
-                     for (cell_id, seed), group in duplicated.groupby(["cell_id", "seed"],
-                                                                      sort=False)]
+        duplicated = duplicated_runs(zip(frame["cell_id"], frame["seed"], frame["run_key"]))
+        if duplicated:
             raise StoreError(
-                f"store {self.path} contains duplicated runs: {'; '.join(pairs)}; every cell "
-                f"and seed must have one run, so train the ablation again into a fresh store")
+                f"store {self.path} contains duplicated runs: {describe_duplicates(duplicated)}; "
+                f"every cell and seed must have one run, so train the ablation again into a "
+                f"fresh store")
         frame = frame.sort_values(["cell_index", "seed"], kind="stable").reset_index(drop=True)
         frame["collapse_class"] = frame["collapse_class"].astype("Int64")
         ordered = ["cell_index", "cell_id", *factors, "seed"]
@@ -405,6 +401,35 @@ class Store:
     def member_count(self, ablation: str) -> int:
         return self.connection.execute(
             "SELECT COUNT(*) FROM members WHERE ablation = ?", (ablation,)).fetchone()[0]
+
+
+def duplicated_runs(members: Iterable[tuple[str, int, str]]) -> list[tuple[str, int, list[str]]]:
+    """Find the cells and seeds of an ablation that more than one stored run belongs to.
+
+    Members are keyed by run key, so a store can map one cell and seed to two runs, for
+    example after hand editing. Every statistic assumes one.
+
+    Args:
+        members: ``(cell_id, seed, run_key)`` of each member whose run is stored.
+
+    Returns:
+        ``(cell_id, seed, run keys)`` of each duplicated cell and seed, in the order of
+        ``members``.
+    """
+    keys: dict[tuple[str, int], list[str]] = {}
+    for cell_id, seed, key in members:
+        keys.setdefault((cell_id, int(seed)), []).append(key)
+    return [(cell_id, seed, found) for (cell_id, seed), found in keys.items() if len(found) > 1]
+
+
+def describe_duplicates(duplicated: list[tuple[str, int, list[str]]],
+                        describe_key: Callable[[str], str] = str) -> str:
+    """Describe duplicated runs as in "cell activation=relu seed 3 has runs 0a1b..., 9f8e...".
+
+    ``describe_key`` formats each run key, for example to add the store it came from.
+    """
+    return "; ".join(f"cell {cell_id} seed {seed} has runs {', '.join(map(describe_key, keys))}"
+                     for cell_id, seed, keys in duplicated)
 
 
 class _Transaction:

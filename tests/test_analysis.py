@@ -31,6 +31,7 @@ from mnistbench.findings import (
     Equivalent,
     InRange,
     data_notes,
+    describe_sample,
     evaluate_claims,
     write_findings,
 )
@@ -261,6 +262,66 @@ def test_finding_without_effect_says_no_clear_difference(tmp_path):
                                    "accuracy (")
 
 
+def diverged_pair_plan(cell, seed: int) -> Planned:
+    """Width 100 seed 0 diverges, so 1 of the 4 width pairs has no accuracy on one side."""
+    if cell.settings.width == 100 and seed == 0:
+        return Planned(diverged_at=2)
+    return Planned(accuracy=0.92 + noise(cell, seed))
+
+
+def test_finding_counts_pairs_used(tmp_path):
+    matrix = {"name": "w", "seeds": 4, "factors": {"width": [80, 100]}}
+    with build_store(tmp_path / "s.sqlite", matrix, diverged_pair_plan) as store:
+        analysis = analyze(store)
+    row = analysis.differences.query("metric == 'accuracy'").iloc[0]
+    assert row["pairs"] == 4
+    assert row["estimate"].n == 3
+    assert row["dropped"] == 1
+    finding = next(f for f in write_findings(analysis) if f.metric == "accuracy")
+    assert finding.sample == ("3 paired runs; 1 pair left out because a run in it has no final "
+                              "accuracy")
+    assert f"over {finding.sample}" in finding.text
+    assert "4 paired runs" not in finding.text
+
+
+def test_unpaired_finding_counts_runs_used(tmp_path):
+    matrix = {"name": "u", "seeds": 8, "factors": {"pool": [False, True]}}
+
+    def plan(cell, seed):
+        if cell.settings.pool != (seed >= 4):
+            return None
+        if seed in (5, 6):
+            return Planned(error="out of memory")
+        return planted(cell, seed)
+
+    with build_store(tmp_path / "s.sqlite", matrix, plan) as store:
+        analysis = analyze(store)
+    row = analysis.differences.query("metric == 'accuracy'").iloc[0]
+    assert not row["paired"]
+    assert row["treatment_runs"] == 4
+    assert row["treatment_used"] == 2
+    assert row["control_used"] == 4
+    assert row["dropped"] == 2
+    finding = next(f for f in write_findings(analysis) if f.metric == "accuracy")
+    assert finding.sample == "2 and 4 unpaired runs; 2 runs without a final accuracy left out"
+    assert f"over {finding.sample}" in finding.text
+
+
+@pytest.mark.parametrize("paired, dropped, text", [
+    pytest.param(True, 0, "3 paired runs", id="paired"),
+    pytest.param(True, 2, "3 paired runs; 2 pairs left out because a run in each has no final "
+                          "accuracy", id="paired-dropped"),
+    pytest.param(False, 0, "3 and 5 unpaired runs", id="unpaired"),
+    pytest.param(False, 1, "3 and 5 unpaired runs; 1 run without a final accuracy left out",
+                 id="unpaired-dropped"),
+])
+def test_describe_sample_counts_used(paired: bool, dropped: int, text: str) -> None:
+    row = {"paired": paired, "dropped": dropped, "estimate": Estimate(1.0, 0.5, 1.5, 3, "test"),
+           "pairs": 3 + dropped, "treatment_used": 3, "control_used": 5, "treatment_runs": 6,
+           "control_runs": 6}
+    assert describe_sample(row) == text
+
+
 # -- claims -----------------------------------------------------------------------------
 
 
@@ -379,3 +440,41 @@ def test_is_clear_needs_finite_interval():
     assert is_clear(estimate(1.0, 0.5, 1.5))
     assert not is_clear(estimate(1.0, -0.5, 1.5))
     assert not is_clear(Estimate(np.nan, np.nan, np.nan, 0, "none"))
+
+
+def test_pooled_claim_names_varying_factors(tmp_path):
+    matrix = {"name": "lr", "seeds": 3, "factors": {"lr": [0.5, 1e6]}}
+
+    def plan(cell, seed):
+        return Planned(accuracy=0.92 if cell.settings.lr < 1 else 0.1)
+
+    with build_store(tmp_path / "s.sqlite", matrix, plan) as store:
+        result = claim_result(analyze(store), "e")
+    assert result.pooled_over == (("lr", ("0.5", "1000000.0")),)
+    assert result.detail.startswith(
+        "median accuracy 51.0% [10.0%, 92.0%] over 6 runs with conv=false, pool=false, "
+        "dropout=0.0, activation=sigmoid, width=100, init in (default, uniform), pooled over "
+        "lr (0.5, 1000000.0) (median, ")
+
+
+def test_pooled_claim_of_one_cell_pools_nothing(pool_analysis):
+    result = claim_result(pool_analysis, "e")
+    assert result.pooled_over == ()
+    assert "pooled over" not in result.detail
+
+
+def test_paired_claim_names_varying_factors(tmp_path):
+    matrix = {"name": "p", "seeds": 3, "factors": {
+        "pool": [False, True], "lr": [0.5, 1e6], "dropout": [0.0, 0.25, 0.5]}}
+    with build_store(tmp_path / "s.sqlite", matrix, planted) as store:
+        analysis = analyze(store)
+    pool = claim_result(analysis, "b")
+    assert pool.pooled_over == (("lr", ("0.5", "1000000.0")), ("dropout", ("0.0", "0.25", "0.5")))
+    assert ("over 18 paired runs, pooled over lr (0.5, 1000000.0) and dropout (0.0, 0.25, 0.5) "
+            "(mean paired difference") in pool.detail
+    # The treatment runs of the dropout claim mix two dropout levels.
+    dropout = claim_result(analysis, "c")
+    assert dropout.pooled_over == (("pool", ("false", "true")), ("lr", ("0.5", "1000000.0")),
+                                   ("dropout", ("0.25", "0.5")))
+    assert ("over 24 paired runs, pooled over pool (false, true), lr (0.5, 1000000.0) and "
+            "dropout (0.25, 0.5)") in dropout.detail

@@ -663,3 +663,59 @@ def test_baseline_of_another_dataset_rejected(good_store: Path, thresholds: Path
     with pytest.raises(CheckInputError, match=r"was trained on dataset 'fashion-mnist', but "
                                               r"ablation 't' in .* on 'mnist'"):
         run_check(good_store, thresholds, baseline_path=out)
+
+
+@pytest.mark.parametrize("option, name, kind", [
+    pytest.param("--junit", "check.xml", "JUnit XML", id="junit"),
+    pytest.param("--summary", "summary.md", "Markdown summary", id="summary"),
+    pytest.param("--json", "check.json", "JSON report", id="json"),
+])
+def test_output_directory_rejected(good_store: Path, thresholds: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture, option: str, name: str,
+                                   kind: str) -> None:
+    from mnistbench.cli import main
+
+    directory = tmp_path / "reports"
+    directory.mkdir()
+    status = main(["check", str(good_store), "--thresholds", str(thresholds), option,
+                   str(directory)])
+    assert status == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: {option} {directory} is a directory; expected the path "
+                            f"of a file to write the {kind} to, such as {directory / name}\n")
+    # The path is checked before the check runs, so no table is printed.
+    assert captured.out == ""
+
+
+def test_output_under_file_rejected(good_store: Path, thresholds: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    status = main(["check", str(good_store), "--thresholds", str(thresholds), "--junit",
+                   str(blocker / "check.xml")])
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"error: --junit {blocker / 'check.xml'}: {blocker} is a file, not a directory; "
+        f"expected the path of a file to write the JUnit XML to\n")
+
+
+def test_unwritable_output_names_option(good_store: Path, thresholds: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnistbench.cli import main
+
+    target = tmp_path / "check.xml"
+
+    def reject(self: Path, *args: object, **kwargs: object) -> int:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    # Permission bits do not stop root, so the write itself is made to fail.
+    monkeypatch.setattr(Path, "write_text", reject)
+    status = main(["check", str(good_store), "--thresholds", str(thresholds), "--junit",
+                   str(target)])
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"error: --junit {target}: cannot write the JUnit XML: Permission denied; expected "
+        f"the path of a writable file\n")

@@ -383,3 +383,69 @@ def test_merge_command_mismatch_exits_2(halves: tuple[Path, Path], tmp_path: Pat
     printed = capsys.readouterr().out
     assert printed.startswith("note: ablation 't' mixes dataset_md5 values")
     assert "8 runs added" in printed
+
+
+
+def add_duplicate(source: Path, target: Path, seed: int, key: str) -> tuple[str, str]:
+    """Copy the first cell's run of ``seed`` from ``source`` into ``target`` under ``key``.
+
+    Both stores list ``key`` as a second member of that cell and seed, so together they
+    contain two runs of it. Returns the cell id and the key of the run in ``source``.
+    """
+    connection = sqlite3.connect(source)
+    original, cell_id = connection.execute(
+        "SELECT run_key, cell_id FROM members WHERE seed = ? ORDER BY cell_id", (seed,)
+    ).fetchone()
+    row = list(connection.execute("SELECT * FROM runs WHERE run_key = ?",
+                                  (original,)).fetchone())
+    connection.close()
+    row[0] = key
+    execute(target, f"INSERT INTO runs VALUES ({', '.join('?' * len(row))})", *row)
+    for path in {source, target}:
+        execute(path, "INSERT INTO members VALUES ('t', ?, ?, ?)", key, cell_id, seed)
+    return cell_id, original
+
+
+def test_duplicated_run_rejected_before_writing(halves: tuple[Path, Path],
+                                                tmp_path: Path) -> None:
+    first, second = halves
+    out = build(tmp_path / "out.sqlite", seeds(0, 1),
+                {**MATRIX, "name": "other", "train": {"lr": 0.25}})
+    before = frames(out, "other")
+    cell_id, original = add_duplicate(second, first, 2, "dddddddddddddddd")
+    message = (rf"^ablation 't' would contain duplicated runs: cell {cell_id} seed 2 has runs "
+               rf"{original} \(in \S+b\.sqlite\), dddddddddddddddd \(in \S+a\.sqlite\); "
+               rf"every cell and seed must have one run")
+    with pytest.raises(StoreError, match=message):
+        merge_stores(out, [first, second])
+
+    after = frames(out, "other")
+    pd.testing.assert_frame_equal(after[0], before[0])
+    pd.testing.assert_frame_equal(after[1], before[1])
+    assert count(out, "runs") == 4
+    assert count(out, "ablations") == 1
+
+
+def test_duplicated_run_rejected_for_new_output(halves: tuple[Path, Path],
+                                                tmp_path: Path) -> None:
+    first, _ = halves
+    cell_id, original = add_duplicate(first, first, 1, "dddddddddddddddd")
+    out = tmp_path / "out.sqlite"
+    message = (rf"cell {cell_id} seed 1 has runs {original} \(in \S+a\.sqlite\), "
+               rf"dddddddddddddddd \(in \S+a\.sqlite\)")
+    with pytest.raises(StoreError, match=message):
+        merge_stores(out, [first])
+    assert not out.exists()
+
+
+def test_merge_command_duplicate_exits_2(halves: tuple[Path, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    first, second = halves
+    cell_id, original = add_duplicate(first, second, 0, "dddddddddddddddd")
+    out = tmp_path / "out.sqlite"
+    assert main(["merge", str(out), str(first), str(second)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: ablation 't' would contain duplicated runs: cell {cell_id} "
+                            f"seed 0 has runs {original} (in {first}), dddddddddddddddd "
+                            f"(in {second})")
+    assert not out.exists()

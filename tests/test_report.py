@@ -190,6 +190,15 @@ def test_markdown_cells_show_missing_and_diverged(hostile_report):
     assert diverged[10].strip() == "never (0 of 4 reached)"
 
 
+def test_markdown_differences_count_pairs_used(hostile_report):
+    text = hostile_report.markdown.read_text(encoding="utf-8")
+    rows = {(row[0].strip(), row[3].strip()): row
+            for row in markdown_table(text, "Level differences")[1:]}
+    # Every width=80 run that is stored diverged, so no width pair has two accuracies.
+    assert rows[("width", "accuracy")][5].strip() == "0 pairs; 4 without accuracy left out"
+    assert rows[("width", "converged")][5].strip() == "4 pairs"
+
+
 def test_markdown_links_figures_beside_it(hostile_report):
     text = hostile_report.markdown.read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -245,6 +254,22 @@ def test_sparse_stores_render(tmp_path, matrix, run_plan, expected):
     text = paths.markdown.read_text(encoding="utf-8")
     assert expected in text
     assert len(parse_page(paths.html).images) == 4
+
+
+def test_claims_table_names_pooled_factors(tmp_path):
+    matrix = {"name": "lr", "seeds": 3, "factors": {"lr": [0.5, 1e6]}}
+    build_store(tmp_path / "s.sqlite", matrix,
+                lambda cell, seed: Planned(accuracy=0.92 if cell.settings.lr < 1 else 0.1)
+                ).close()
+    paths = write_report(tmp_path / "s.sqlite", tmp_path / "out")
+    text = paths.markdown.read_text(encoding="utf-8")
+    claims = markdown_table(text, "Claims from the original hand-tuned experiments")
+    assert [cell.strip() for cell in claims[0]] == ["claim", "verdict", "numbers", "rule"]
+    plain = next(row for row in claims if "784-100-10" in row[0])
+    assert "over 6 runs with " in plain[2]
+    assert "pooled over lr (0.5, 1000000.0)" in plain[2]
+    page = " ".join(parse_page(paths.html).text)
+    assert "init in (default, uniform), pooled over lr (0.5, 1000000.0)" in page
 
 
 # -- writing ----------------------------------------------------------------------------

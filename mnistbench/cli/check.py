@@ -24,6 +24,9 @@ from mnistbench.errors import CheckInputError
 from mnistbench.store import Store
 
 TABLE_HEADER = ("STATUS", "CELL", "CHECK", "VALUE", "95% INTERVAL", "RUNS")
+# Output option -> (the file it writes, the file name its error messages suggest).
+OUTPUTS = {"--junit": ("JUnit XML", "check.xml"), "--summary": ("Markdown summary", "summary.md"),
+           "--json": ("JSON report", "check.json")}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,14 +69,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_check_command(args: argparse.Namespace) -> int:
     """Run the check, print the table, write the requested files; return 0 or 1."""
+    requested = [
+        ("--junit", args.junit, render_junit),
+        ("--summary", args.summary, render_markdown),
+        ("--json", args.json, render_json),
+    ]
+    outputs = [(option, path, render) for option, path, render in requested if path is not None]
+    # A bad output path fails before the check runs, not after its table is printed.
+    for option, path, _ in outputs:
+        _check_output_path(option, path)
     report = run_check(args.store, args.thresholds, baseline_path=args.baseline,
                        ablation=args.ablation)
     print(render_table(report))
-    outputs = ((args.junit, render_junit), (args.summary, render_markdown),
-               (args.json, render_json))
-    for path, render in outputs:
-        if path is not None:
-            _write(path, render(report))
+    for option, path, render in outputs:
+        _write(option, path, render(report))
     return report.exit_code
 
 
@@ -184,9 +193,24 @@ def _markdown_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _write(path: Path, text: str) -> None:
+def _check_output_path(option: str, path: Path) -> None:
+    """Raise CheckInputError before the check runs when ``path`` cannot be a file."""
+    kind, example = OUTPUTS[option]
+    if path.is_dir():
+        raise CheckInputError(f"{option} {path} is a directory; expected the path of a file "
+                              f"to write the {kind} to, such as {path / example}")
+    blocking = next((parent for parent in path.parents
+                     if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise CheckInputError(f"{option} {path}: {blocking} is a file, not a directory; "
+                              f"expected the path of a file to write the {kind} to")
+
+
+def _write(option: str, path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     except OSError as error:
-        raise CheckInputError(f"cannot write {path}: {error.strerror}") from None
+        kind, _ = OUTPUTS[option]
+        raise CheckInputError(f"{option} {path}: cannot write the {kind}: {error.strerror}; "
+                              f"expected the path of a writable file") from None

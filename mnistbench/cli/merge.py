@@ -19,8 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Copy the ablations, runs and epochs of the input stores into the output "
                     "store, which may be new or already hold results. The output changes "
                     "in one transaction, and only if the stores agree: one matrix per "
-                    "ablation, one result per run, and one dataset and mnistbench version "
-                    "per ablation.")
+                    "ablation, one result per run, one run per cell and seed, and one "
+                    "dataset and mnistbench version per ablation.")
     parser.add_argument("output", type=Path, help="store to write (created when missing)")
     parser.add_argument("inputs", type=Path, nargs="+", help="stores to read")
     parser.add_argument("--allow-mismatch", action="store_true",
