@@ -201,7 +201,8 @@ def write_baseline(store: Store, ablation: str, out: Path) -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(format_summary(summary), encoding="utf-8")
     except OSError as error:
-        raise CheckInputError(f"cannot write baseline {out}: {error.strerror}") from None
+        raise CheckInputError(f"cannot write the baseline JSON to {out}: {error.strerror}; "
+                              "expected the path of a writable file") from None
     logger.debug("wrote baseline of ablation %s (%d cells) to %s", ablation,
                 len(summary["cells"]), out)
     return summary

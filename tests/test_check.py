@@ -719,3 +719,32 @@ def test_unwritable_output_names_option(good_store: Path, thresholds: Path, tmp_
     assert capsys.readouterr().err == (
         f"error: --junit {target}: cannot write the JUnit XML: Permission denied; expected "
         f"the path of a writable file\n")
+
+
+def test_baseline_out_directory_rejected(good_store: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    directory = tmp_path / "baselines"
+    directory.mkdir()
+    status = main(["baseline", "save", str(good_store), "--out", str(directory)])
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {directory} is a directory; expected the path of a file to write the "
+        f"baseline JSON to, such as {directory / 'baseline.json'}\n")
+    assert list(directory.iterdir()) == []
+
+
+def test_unwritable_baseline_names_path(good_store: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "baseline.json"
+
+    def reject(self: Path, *args: object, **kwargs: object) -> int:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_text", reject)
+    with Store(good_store, create=False) as store:
+        with pytest.raises(CheckInputError, match=r"cannot write the baseline JSON to .*"
+                                                  r"baseline\.json: Permission denied; expected "
+                                                  r"the path of a writable file"):
+            write_baseline(store, "t", target)

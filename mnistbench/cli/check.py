@@ -25,8 +25,12 @@ from mnistbench.store import Store
 
 TABLE_HEADER = ("STATUS", "CELL", "CHECK", "VALUE", "95% INTERVAL", "RUNS")
 # Output option -> (the file it writes, the file name its error messages suggest).
-OUTPUTS = {"--junit": ("JUnit XML", "check.xml"), "--summary": ("Markdown summary", "summary.md"),
-           "--json": ("JSON report", "check.json")}
+OUTPUTS = {
+    "--junit": ("JUnit XML", "check.xml"),
+    "--summary": ("Markdown summary", "summary.md"),
+    "--json": ("JSON report", "check.json"),
+    "--out": ("baseline JSON", "baseline.json"),  # of baseline save
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,6 +92,7 @@ def run_check_command(args: argparse.Namespace) -> int:
 
 def run_baseline_save(args: argparse.Namespace) -> int:
     """Write the baseline JSON of one ablation and print what was written."""
+    _check_output_path("--out", args.out)
     with Store(args.store, readonly=True) as store:
         name = store.ablation(args.ablation)["name"]
         summary = write_baseline(store, name, args.out)
