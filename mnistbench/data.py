@@ -24,12 +24,14 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mnistbench import idx, sources
 from mnistbench.errors import DataError
 from mnistbench.sources import WheelSource, find_file
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
