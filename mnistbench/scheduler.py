@@ -30,10 +30,10 @@ import multiprocessing
 
 import torch
 
-from mnistbench.data import load_dataset
+from mnistbench.data import dataset_directory, directory_files, load_dataset
 from mnistbench.distributed import BACKENDS, RayCluster, Shard
 from mnistbench.engine import DeviceData, Member, train_stack
-from mnistbench.errors import MnistbenchError
+from mnistbench.errors import DataError, MatrixError, MnistbenchError
 from mnistbench.matrix import Cell, Criteria, Matrix
 from mnistbench.model import structure_of
 from mnistbench.outcome import RunResult
@@ -215,6 +215,21 @@ def _train_in_worker(stack: list[Member]) -> list[RunResult]:
 # -- the ablation -----------------------------------------------------------------------
 
 
+def check_dataset(matrix: Matrix) -> None:
+    """Raise MatrixError, naming the matrix file, when the matrix's dataset directory is unusable.
+
+    A directory must exist and contain the four IDX files. ``load_matrix`` does not
+    check this, so that ``matrix show`` works on a matrix written for another machine.
+    A known dataset passes, because training fetches it when the cache lacks it.
+    """
+    try:
+        directory = dataset_directory(matrix.dataset)
+        if directory is not None:
+            directory_files(directory)
+    except DataError as error:
+        raise MatrixError(f"{matrix.source or 'matrix'}: dataset: {error}") from None
+
+
 def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, workers: int,
             max_stack: int, data_dir: str | None = None, shard: Shard | None = None,
             cluster: RayCluster | None = None) -> tuple[Plan, DeviceData]:
@@ -264,6 +279,7 @@ def run_ablation(matrix: Matrix, store: Store, *, device: str | None = None,
     if backend not in BACKENDS:
         raise MnistbenchError(f"unknown backend {backend!r}; expected one of "
                               f"{', '.join(BACKENDS)}")
+    check_dataset(matrix)
     if backend == "local":
         if address is not None:
             raise MnistbenchError(f"--address {address} applies only to --backend ray")

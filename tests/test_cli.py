@@ -1,9 +1,12 @@
-"""The top-level command line: start-up cost, exit statuses and output handling."""
+"""The command line without real MNIST: start-up cost, exit statuses, output and files left."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +36,38 @@ def test_parser_does_not_import_torch(argv: list[str]) -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "torch not imported", result.stdout
+
+
+# `ablate` failures that need no real MNIST, and the files they leave behind
+
+SMALL_MATRIX = """\
+name: small
+seeds: 2
+train: {epochs: 1, train_subset: 200}
+factors:
+  activation: [relu, tanh]
+"""
+
+
+def mnistbench(*args: str, cwd: Path, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mnistbench", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]], ids=["ablate", "dry-run"])
+def test_missing_dataset_directory_exits_2(tmp_path: Path, extra: list[str]) -> None:
+    matrix = tmp_path / "kmnist.yaml"
+    matrix.write_text(SMALL_MATRIX + "dataset: ./kmnist\n")
+
+    result = mnistbench("ablate", str(matrix), *extra, cwd=tmp_path)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    expected = (rf"^error: {re.escape(str(matrix))}: dataset: dataset directory './kmnist' "
+                rf"\(resolved to {re.escape(str(tmp_path / 'kmnist'))}\) not found; expected "
+                r"mnist or fashion-mnist, or an existing directory that contains the four IDX "
+                r"files train-images-idx3-ubyte, ")
+    assert re.search(expected, result.stderr), result.stderr
+    assert "unknown dataset" not in result.stderr
+    assert not (tmp_path / "stores").exists()

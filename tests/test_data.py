@@ -146,6 +146,20 @@ def test_load_directory_count_mismatch_rejected(tiny_dataset: TinyDataset) -> No
         data.load_dataset(str(tiny_dataset.directory))
 
 
+def test_missing_dataset_directory_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(DataError, match=rf"^dataset directory './kmnist' \(resolved to {tmp_path / 'kmnist'}\) not found; expected mnist or fashion-mnist, or an existing directory that contains the four IDX files train-images-idx3-ubyte, "):
+        data.load_dataset("./kmnist")
+
+
+def test_dataset_path_to_file_rejected(tmp_path: Path) -> None:
+    (tmp_path / "kmnist").write_bytes(b"")
+
+    with pytest.raises(DataError, match=rf"^dataset directory '{tmp_path / 'kmnist'}' is a file, not a directory; expected mnist or fashion-mnist, "):
+        data.load_dataset(str(tmp_path / "kmnist"))
+
+
 def test_unknown_dataset_suggests_close_name(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"unknown dataset 'fashion-mnst'; known datasets: mnist, fashion-mnist, .*did you mean 'fashion-mnist'\?"):
         data.load_dataset("fashion-mnst", tmp_path)

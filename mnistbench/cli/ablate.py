@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from mnistbench.distributed import parse_shard
     from mnistbench.matrix import apply_overrides, load_matrix
     from mnistbench.outcome import RunResult
-    from mnistbench.scheduler import Plan, resolve_device, run_ablation
+    from mnistbench.scheduler import Plan, check_dataset, resolve_device, run_ablation
     from mnistbench.store import Store
 
     for option, value in (("--workers", args.workers), ("--max-stack", args.max_stack)):
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overrides:
         matrix = apply_overrides(matrix, args.overrides)
     store_path = args.store or default_store(matrix)
+    check_dataset(matrix)
     if args.dry_run:
         return _dry_run(matrix, store_path, args, shard)
 
