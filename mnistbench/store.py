@@ -51,6 +51,21 @@ from mnistbench.schema import (  # noqa: F401 - run_key and the versions are re-
 
 logger = logging.getLogger(__name__)
 
+
+def check_store_path(path: Path) -> None:
+    """Raise StoreError unless a store file can be created at path; create nothing.
+
+    The path must not be a directory, and no parent of it may be a file.
+    """
+    if path.is_dir():
+        raise StoreError(f"store path {path} is a directory; give the path of a "
+                         f"store file, such as {path / 'ablation.sqlite'}")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise StoreError(f"cannot create store {path}: {blocking} is a file, not a "
+                         f"directory; choose another store path")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -69,19 +84,14 @@ class Store:
         """Open a store; ``readonly=True`` opens an existing one without writing to it."""
         self.path = Path(path)
         if self.path.is_dir():
-            raise StoreError(f"store path {self.path} is a directory; give the path of a "
-                             f"store file, such as {self.path / 'ablation.sqlite'}")
+            check_store_path(self.path)  # raises, naming the directory
         if not self.path.exists():
             if not create or readonly:
                 raise StoreError(
                     f"store not found: {self.path}; run 'mnistbench ablate MATRIX --store "
                     f"{self.path}' first"
                 )
-            blocking = next((p for p in self.path.parents if p.exists() and not p.is_dir()),
-                            None)
-            if blocking is not None:
-                raise StoreError(f"cannot create store {self.path}: {blocking} is a file, not a "
-                                 f"directory; choose another store path")
+            check_store_path(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             if readonly:

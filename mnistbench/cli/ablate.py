@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(matrix, store_path, args, shard)
 
-    # Check the device before the store is created, so a typo leaves no file behind.
+    # Check the device before any data loads, so a typo fails at once.
     # A Ray cluster's devices are checked on the cluster instead.
     if args.backend == "local":
         resolve_device(args.device)
@@ -106,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
 
     # A SIGTERM (from a scheduler or `kill`) unwinds like Ctrl-C, so claims are released.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    store = Store(store_path)
     bar = tqdm(total=0, unit="run", desc=matrix.name, dynamic_ncols=True, file=sys.stderr,
                disable=None)
     started = time.perf_counter()
@@ -132,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{rate:.2f} model-epochs/s")
 
     try:
-        summary = run_ablation(matrix, store, device=args.device, workers=args.workers,
+        summary = run_ablation(matrix, store_path, device=args.device, workers=args.workers,
                                max_stack=args.max_stack, data_dir=args.data_dir,
                                on_stack=on_stack, on_plan=on_plan, backend=args.backend,
                                address=args.address, shard=shard)
@@ -141,9 +140,9 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     print(f"trained {summary.trained} runs in {elapsed:.1f} s "
           f"({summary.crashed} crashed, {summary.claimed_elsewhere} left to another process)")
-    print_cell_table(store, matrix.name)
+    with Store(store_path, readonly=True) as store:
+        print_cell_table(store, matrix.name)
     print(f"store: {store_path}")
-    store.close()
     return 0
 
 
