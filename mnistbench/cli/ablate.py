@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="dataset cache directory (default: $MNISTBENCH_DATA_DIR or "
                              "~/.cache/mnistbench)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="show the cells, stacks and runs left to train, and train nothing")
+                        help="show the cells, stacks and runs left to train; fetch no data, "
+                             "create no store and train nothing")
     parser.add_argument("--backend", choices=("local", "ray"), default="local",
                         help="local: worker processes on this machine (default); ray: one Ray "
                              "task per stack on a Ray cluster (pip install 'mnistbench[ray]')")
@@ -152,12 +153,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
              shard: Shard | None) -> int:
+    from mnistbench.data import KNOWN_DATASETS, dataset_dir, dataset_md5, missing_from_cache
     from mnistbench.distributed import RayCluster
     from mnistbench.scheduler import (
         DEFAULT_MAX_STACK_CPU,
         DEFAULT_MAX_STACK_CUDA,
         default_workers,
-        prepare,
+        plan_runs,
         resolve_device,
     )
     from mnistbench.store import Store
@@ -175,8 +177,10 @@ def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
     max_stack = args.max_stack
     if max_stack is None:
         max_stack = DEFAULT_MAX_STACK_CUDA if device.type == "cuda" else DEFAULT_MAX_STACK_CPU
-    plan, _ = prepare(matrix, store, device=device, workers=workers, max_stack=max_stack,
-                      data_dir=args.data_dir, shard=shard, cluster=cluster)
+    # A dry run fetches nothing: the run keys need only the dataset's MD5, which the
+    # registry gives for a known dataset and a directory's files give otherwise.
+    plan = plan_runs(matrix, store, dataset_md5=dataset_md5(matrix.dataset), device=device,
+                     workers=workers, max_stack=max_stack, shard=shard, cluster=cluster)
     if cluster is not None:
         cluster.shutdown()
     cells = matrix.cells()
@@ -184,6 +188,9 @@ def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
     print(f"ablation {matrix.name}: {len(cells)} cells x {len(matrix.seeds)} seeds = "
           f"{len(plan.keyed)} runs{scope}; {len(plan.assigned) - len(plan.pending)} already in "
           f"{store_path}")
+    if matrix.dataset in KNOWN_DATASETS and missing_from_cache(matrix.dataset, args.data_dir):
+        print(f"dataset {matrix.dataset} is not in the cache "
+              f"{dataset_dir(matrix.dataset, args.data_dir)}; ablate fetches it before training")
     epochs = sum(m.settings.epochs for m in plan.pending)
     print(f"to train: {len(plan.pending)} runs, {epochs} model-epochs, in "
           f"{len(plan.stacks)} stacks on {plan.device} with {workers} workers")
