@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,28 @@ def test_dry_run_fetches_nothing(tmp_path: Path) -> None:
     assert "to train: 4 runs, 4 model-epochs" in result.stdout
     assert not cache.exists()
     assert not store.exists()
+
+
+# Output into a pipe whose reader has gone away, as after `| head -1`
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    pytest.param(["matrix", "show", "MATRIX"], id="matrix-show"),
+    pytest.param(["data", "info"], id="data-info"),
+    pytest.param(["ablate", "MATRIX", "--dry-run", "--device", "cpu"], id="ablate-dry-run"),
+])
+def test_closed_stdout_exits_quietly(tmp_path: Path, args: list[str]) -> None:
+    matrix = tmp_path / "small.yaml"
+    matrix.write_text(SMALL_MATRIX)
+    command = [sys.executable, "-m", "mnistbench",
+               *(str(matrix) if arg == "MATRIX" else arg for arg in args)]
+    environment = {**os.environ, "MNISTBENCH_DATA_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=tmp_path, env=environment)
+    # Closing the read end before the command writes makes every write to stdout fail.
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 128 + signal.SIGPIPE, stderr.decode()
+    assert stderr == b""

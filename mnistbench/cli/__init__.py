@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import select
+import signal
 import sys
 
 from mnistbench import __version__
@@ -50,7 +53,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line and return its exit status (0 ok, 1 check failed, 2 bad input)."""
+    """Run the command line and return its exit status.
+
+    0: ok, 1: check failed, 2: invalid input, 130: interrupted by Ctrl-C, 141: the reader
+    of stdout went away (as `head` does), which ends the command quietly.
+    """
+    try:
+        try:
+            return _run_command(argv)
+        finally:
+            sys.stdout.flush()  # here, so that a closed stdout fails now and not at exit
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Python flushes stdout again at exit; pointing it at /dev/null keeps that quiet.
+        # This is the recipe of the Python docs, "Note on SIGPIPE" in the signal module.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_closed() -> bool:
+    """Return whether stdout is a pipe whose read end is closed."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):  # no poll(), or stdout has no descriptor
+        return False
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
+
+
+def _run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet:
