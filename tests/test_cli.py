@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from mnistbench.cli import Terminated, main, raise_terminated
+from mnistbench.cli import matrix as cli_matrix
+
 # A script that parses its argv[1:] like the `mnistbench` command, without running the
 # subcommand, and prints whether torch was imported.
 PARSE_ONLY = """\
@@ -120,3 +123,35 @@ def test_closed_stdout_exits_quietly(tmp_path: Path, args: list[str]) -> None:
 
     assert process.returncode == 128 + signal.SIGPIPE, stderr.decode()
     assert stderr == b""
+
+
+# Exit statuses of interrupted commands
+
+
+@pytest.mark.parametrize("interrupt, status, message", [
+    pytest.param(KeyboardInterrupt(), 130, "interrupted; finished runs are kept in the store",
+                 id="ctrl-c"),
+    pytest.param(Terminated(signal.SIGTERM), 143,
+                 "terminated by SIGTERM; finished runs are kept in the store", id="sigterm"),
+])
+def test_interrupted_command_status(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str],
+                                    interrupt: KeyboardInterrupt, status: int,
+                                    message: str) -> None:
+    def interrupted_show(args: object) -> int:
+        raise interrupt
+
+    monkeypatch.setattr(cli_matrix, "run_show", interrupted_show)
+    matrix = tmp_path / "small.yaml"
+    matrix.write_text(SMALL_MATRIX)
+
+    assert main(["matrix", "show", str(matrix)]) == status
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_sigterm_handler_raises_terminated() -> None:
+    with pytest.raises(Terminated, match="^SIGTERM$") as raised:
+        raise_terminated(signal.SIGTERM, None)
+
+    assert raised.value.signum == signal.SIGTERM
+    assert isinstance(raised.value, KeyboardInterrupt)

@@ -23,6 +23,23 @@ import sys
 from mnistbench import __version__
 from mnistbench.errors import MnistbenchError
 
+class Terminated(KeyboardInterrupt):
+    """A termination signal such as SIGTERM, raised like Ctrl-C so that the same cleanup runs.
+
+    It derives from KeyboardInterrupt, so ``except Exception`` blocks that record crashed
+    runs do not catch it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """Raise Terminated; a signal handler for ``signal.signal``."""
+    raise Terminated(signum)
+
+
 # Modules of this package that define subcommands, in the order of the help text.
 # A module that does not exist yet is skipped so the parser always builds.
 COMMAND_MODULES = ("data", "matrix", "ablate", "report", "check", "merge")
@@ -55,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit status.
 
-    0: ok, 1: check failed, 2: invalid input, 130: interrupted by Ctrl-C, 141: the reader
-    of stdout went away (as `head` does), which ends the command quietly.
+    0: ok, 1: check failed, 2: invalid input. A command ended by a signal returns 128 +
+    the signal number: 130 for Ctrl-C (SIGINT) and 143 for SIGTERM, which only ablate
+    handles. When the reader of stdout goes away, as `head` does, the command ends
+    quietly with 141 (SIGPIPE).
     """
     try:
         try:
@@ -99,9 +118,13 @@ def _run_command(argv: list[str] | None) -> int:
     except MnistbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Terminated as terminated:
+        print(f"terminated by {terminated}; finished runs are kept in the store",
+              file=sys.stderr)
+        return 128 + terminated.signum
     except KeyboardInterrupt:
         print("interrupted; finished runs are kept in the store", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     return int(status or 0)
 
 

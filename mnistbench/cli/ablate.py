@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mnistbench.cli import raise_terminated
 from mnistbench.errors import MnistbenchError
 
 if TYPE_CHECKING:
@@ -105,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
             f"--set {item}" for item in args.overrides) + "\n"
         matrix = replace(matrix, text=matrix.text + note)
 
-    # A SIGTERM (from a scheduler or `kill`) unwinds like Ctrl-C, so claims are released.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # A SIGTERM (from a scheduler or `kill`) unwinds like Ctrl-C, so claims are released,
+    # and the command exits with 143 instead of Ctrl-C's 130.
+    signal.signal(signal.SIGTERM, raise_terminated)
     bar = tqdm(total=0, unit="run", desc=matrix.name, dynamic_ncols=True, file=sys.stderr,
                disable=None)
     started = time.perf_counter()
@@ -145,10 +147,6 @@ def run(args: argparse.Namespace) -> int:
         print_cell_table(store, matrix.name)
     print(f"store: {store_path}")
     return 0
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
