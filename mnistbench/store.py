@@ -274,6 +274,7 @@ class Store:
         host = socket.gethostname()
         now = time.time()
         claimed = []
+        taken_over: dict[str, list] = {}  # previous owner -> [run count, why it is stale]
         with self.transaction():
             finished = {row[0] for row in self.connection.execute("SELECT run_key FROM runs")}
             current = {row[0]: row[1:] for row in self.connection.execute(
@@ -287,12 +288,23 @@ class Store:
                     dead = other_host == host and not _pid_alive(other_pid)
                     if not dead and now - claimed_at < stale_seconds:
                         continue
-                    logger.info("taking over stale claim on run %s from %s", key, other_owner)
+                    if dead:
+                        reason = f"process {other_pid} on {other_host} is gone"
+                    else:
+                        reason = (f"claimed {now - claimed_at:.0f} s ago, more than the "
+                                  f"{stale_seconds:.0f} s limit")
+                    taken_over.setdefault(other_owner, [0, reason])[0] += 1
                 self.connection.execute(
                     "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
                     (key, owner, host, os.getpid(), now),
                 )
                 claimed.append(key)
+        if taken_over:
+            # One line per call, not per run: a dead process can leave thousands of claims.
+            total = sum(count for count, _ in taken_over.values())
+            owners = "; ".join(f"{count} from {other_owner} ({reason})"
+                               for other_owner, (count, reason) in taken_over.items())
+            logger.info("took over %d stale claims: %s", total, owners)
         return claimed
 
     def release(self, owner: str) -> None:
