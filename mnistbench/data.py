@@ -24,12 +24,14 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mnistbench import idx, sources
 from mnistbench.errors import DataError
 from mnistbench.sources import WheelSource, find_file
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -355,8 +357,37 @@ def _build_dataset(
     )
 
 
-def _load_directory(directory: Path) -> Dataset:
-    """Load a dataset directory of unknown checksums, validating only the structure."""
+def dataset_directory(name_or_dir: str) -> Path | None:
+    """Return the resolved directory of a dataset given as a path; None for a known name.
+
+    A relative path is resolved against the current directory.
+
+    Raises:
+        DataError: name_or_dir is neither a known name nor an existing directory.
+    """
+    if name_or_dir in KNOWN_DATASETS:
+        return None
+    directory = Path(name_or_dir).expanduser()
+    if directory.is_dir():
+        return directory.resolve()
+    if "/" not in name_or_dir and os.sep not in name_or_dir:
+        known_dataset(name_or_dir)  # raises, naming the known datasets
+    resolved = directory.resolve()
+    where = "" if str(resolved) == name_or_dir else f" (resolved to {resolved})"
+    problem = "is a file, not a directory" if directory.exists() else "not found"
+    raise DataError(
+        f"dataset directory {name_or_dir!r}{where} {problem}; expected "
+        f"{' or '.join(KNOWN_DATASETS)}, or an existing directory that contains the four "
+        f"IDX files {', '.join(FILE_NAMES)}"
+    )
+
+
+def directory_files(directory: Path) -> dict[str, Path]:
+    """Return the path of each of the four files in a dataset directory, raw or .gz.
+
+    Raises:
+        DataError: a file is missing, naming every missing file.
+    """
     files = {file_name: find_file(directory, file_name) for file_name in FILE_NAMES}
     missing = [file_name for file_name, path in files.items() if path is None]
     if missing:
@@ -364,6 +395,36 @@ def _load_directory(directory: Path) -> Dataset:
             f"dataset directory {directory} is missing {', '.join(missing)} (each may also end "
             f"in .gz); a dataset directory contains the four IDX files {', '.join(FILE_NAMES)}"
         )
+    return files
+
+
+def dataset_md5(name_or_dir: str) -> str:
+    """Return the MD5 that load_dataset gives a dataset, without fetching or parsing it.
+
+    A known dataset's MD5 comes from its registry checksums, because load_dataset
+    accepts only files that match them. A directory's files are read and hashed.
+
+    Raises:
+        DataError: as dataset_directory and directory_files.
+    """
+    directory = dataset_directory(name_or_dir)
+    if directory is None:
+        return combined_md5(KNOWN_DATASETS[name_or_dir].md5)
+    md5s = {}
+    for file_name, path in directory_files(directory).items():
+        md5s[file_name] = hashlib.md5(idx.read_idx_bytes(path)).hexdigest()
+    return combined_md5(md5s)
+
+
+def missing_from_cache(name: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Return the files of a known dataset that its cache directory lacks, unverified."""
+    target = dataset_dir(name, data_dir)
+    return [file_name for file_name in FILE_NAMES if not (target / file_name).is_file()]
+
+
+def _load_directory(directory: Path) -> Dataset:
+    """Load a dataset directory of unknown checksums, validating only the structure."""
+    files = directory_files(directory)
     contents = {file_name: idx.read_idx_bytes(path) for file_name, path in files.items()}
     md5s = {file_name: hashlib.md5(data).hexdigest() for file_name, data in contents.items()}
     return _build_dataset(str(directory), contents, md5s, files)
@@ -386,11 +447,9 @@ def load_dataset(
     Returns:
         The dataset with uint8 images (count, rows, columns) and int64 labels (count,).
     """
-    if name_or_dir not in KNOWN_DATASETS:
-        directory = Path(name_or_dir).expanduser()
-        if directory.is_dir():
-            return _load_directory(directory.resolve())
-        known_dataset(name_or_dir)  # raises, naming the known datasets
+    directory = dataset_directory(name_or_dir)
+    if directory is not None:
+        return _load_directory(directory)
 
     name = name_or_dir
     known = KNOWN_DATASETS[name]

@@ -25,11 +25,17 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from mnistbench.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that build or read tensors, so that modules
+# which only need the dataset registry (such as `mnistbench --help`) start without it.
 
 GZIP_MAGIC = b"\x1f\x8b"
 UNSIGNED_BYTE = 0x08
@@ -232,6 +238,8 @@ def parse_images(data: bytes | bytearray, source: str | os.PathLike = "<bytes>")
     Returns:
         uint8 tensor of shape (count, rows, columns), pixel values 0-255.
     """
+    import torch
+
     count, rows, columns = _check_header(data, source, IMAGES)
     pixels = np.frombuffer(data, dtype=np.uint8, offset=IMAGES.header_size)
     if not pixels.flags.writeable:  # torch warns about tensors over read-only memory
@@ -252,6 +260,8 @@ def parse_labels(
     Returns:
         int64 tensor of shape (count,).
     """
+    import torch
+
     _check_header(data, source, LABELS)
     labels = np.frombuffer(data, dtype=np.uint8, offset=LABELS.header_size)
     invalid = np.flatnonzero(labels >= num_classes)
@@ -306,6 +316,8 @@ def read_split(
 
 def _to_uint8(array: torch.Tensor | np.ndarray, ndim: int, what: str) -> np.ndarray:
     """Convert an integer array with values 0-255 to contiguous uint8."""
+    import torch
+
     values = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     if values.ndim != ndim:
         raise ValueError(f"{what} must have {ndim} dimensions, got shape {tuple(values.shape)}")

@@ -1,6 +1,6 @@
 """Run an ablation: key its runs, skip finished ones, train the rest in stacks, store results.
 
-    summary = run_ablation(load_matrix("ablations/smoke.yaml"), Store("stores/smoke.sqlite"))
+    summary = run_ablation(load_matrix("ablations/smoke.yaml"), "stores/smoke.sqlite")
 
 Expanding the matrix (``matrix``) and training (``engine``) stay separate. This module
 turns the matrix's runs into stacks and hands them to worker processes on the CPU, one
@@ -14,6 +14,7 @@ With ``backend="ray"`` the stacks become Ray tasks on a cluster instead, and wit
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -26,19 +27,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 import multiprocessing
 
 import torch
 
-from mnistbench.data import load_dataset
+from mnistbench.data import dataset_directory, directory_files, load_dataset
 from mnistbench.distributed import BACKENDS, RayCluster, Shard
 from mnistbench.engine import DeviceData, Member, train_stack
-from mnistbench.errors import MnistbenchError
+from mnistbench.errors import DataError, MatrixError, MnistbenchError
 from mnistbench.matrix import Cell, Criteria, Matrix
 from mnistbench.model import structure_of
 from mnistbench.outcome import RunResult
 from mnistbench.provenance import device_name, provenance
-from mnistbench.store import Store, run_key
+from mnistbench.store import Store, check_store_path, run_key
 
 logger = logging.getLogger(__name__)
 
@@ -215,28 +217,52 @@ def _train_in_worker(stack: list[Member]) -> list[RunResult]:
 # -- the ablation -----------------------------------------------------------------------
 
 
-def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, workers: int,
-            max_stack: int, data_dir: str | None = None, shard: Shard | None = None,
-            cluster: RayCluster | None = None) -> tuple[Plan, DeviceData]:
-    """Load the data, key every run and plan the stacks of the runs not yet in the store.
+def check_dataset(matrix: Matrix) -> None:
+    """Raise MatrixError, naming the matrix file, when the matrix's dataset directory is unusable.
 
-    With a ``shard``, only that shard's runs are pending. With a Ray ``cluster``, the
-    data stays on this machine's CPU, because the cluster's workers train.
+    A directory must exist and contain the four IDX files. ``load_matrix`` does not
+    check this, so that ``matrix show`` works on a matrix written for another machine.
+    A known dataset passes, because training fetches it when the cache lacks it.
     """
-    dataset = load_dataset(matrix.dataset, data_dir)
-    keyed = key_runs(matrix, dataset.md5, device)
+    try:
+        directory = dataset_directory(matrix.dataset)
+        if directory is not None:
+            directory_files(directory)
+    except DataError as error:
+        raise MatrixError(f"{matrix.source or 'matrix'}: dataset: {error}") from None
+
+
+def plan_runs(matrix: Matrix, store: Store | None, *, dataset_md5: str, device: torch.device,
+              workers: int, max_stack: int, shard: Shard | None = None,
+              cluster: RayCluster | None = None) -> Plan:
+    """Key every run and plan the stacks of the runs not yet in the store; read no data.
+
+    With a ``shard``, only that shard's runs are pending.
+    """
+    keyed = key_runs(matrix, dataset_md5, device)
     finished = store.finished_keys() if store is not None else set()
     pending = [Member(key, seed, cell.settings) for cell, seed, key in keyed
                if key not in finished and (shard is None or shard.contains(key))]
     stacks = plan_stacks(pending, max_stack, workers)
-    if cluster is None:
-        plan = Plan(keyed, pending, stacks, device_name(device), workers, shard)
-        return plan, DeviceData.from_dataset(dataset, device)
-    plan = Plan(keyed, pending, stacks, cluster.describe(device), workers, shard)
-    return plan, DeviceData.from_dataset(dataset, "cpu")
+    where = device_name(device) if cluster is None else cluster.describe(device)
+    return Plan(keyed, pending, stacks, where, workers, shard)
 
 
-def run_ablation(matrix: Matrix, store: Store, *, device: str | None = None,
+def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, workers: int,
+            max_stack: int, data_dir: str | None = None, shard: Shard | None = None,
+            cluster: RayCluster | None = None) -> tuple[Plan, DeviceData]:
+    """Load the data, fetching it when the cache lacks it, and plan the runs (see plan_runs).
+
+    With a Ray ``cluster``, the data stays on this machine's CPU, because the cluster's
+    workers train.
+    """
+    dataset = load_dataset(matrix.dataset, data_dir)
+    plan = plan_runs(matrix, store, dataset_md5=dataset.md5, device=device, workers=workers,
+                     max_stack=max_stack, shard=shard, cluster=cluster)
+    return plan, DeviceData.from_dataset(dataset, device if cluster is None else "cpu")
+
+
+def run_ablation(matrix: Matrix, store_path: str | Path, *, device: str | None = None,
                  workers: int | None = None, max_stack: int | None = None,
                  data_dir: str | None = None,
                  on_stack: Callable[[list[RunResult]], None] | None = None,
@@ -245,9 +271,14 @@ def run_ablation(matrix: Matrix, store: Store, *, device: str | None = None,
                  shard: Shard | None = None) -> Summary:
     """Train every run of the matrix (or of one shard) that the store does not hold yet.
 
+    A store file that does not exist yet is created only once the data is loaded and
+    the runs are planned, so a call that fails before training leaves no file behind.
+    An existing store is opened first, so a file that is not a store fails fast.
+
     Args:
         matrix: the validated matrix.
-        store: where results go; the resolved matrix is stored before training.
+        store_path: the store file that results go to; the resolved matrix is stored
+            before training.
         device: "auto" (default), "cpu", "cuda" or "cuda:N" ("cuda:N" not with Ray).
         workers: CPU worker processes; default one per core (1 on a GPU). With Ray, the
             number of stacks to split the runs into at least; default the cluster's
@@ -264,22 +295,33 @@ def run_ablation(matrix: Matrix, store: Store, *, device: str | None = None,
     if backend not in BACKENDS:
         raise MnistbenchError(f"unknown backend {backend!r}; expected one of "
                               f"{', '.join(BACKENDS)}")
-    if backend == "local":
-        if address is not None:
-            raise MnistbenchError(f"--address {address} applies only to --backend ray")
-        return _run_ablation(matrix, store, device, workers, max_stack, data_dir, on_stack,
-                             on_plan, shard, None)
-    cluster = RayCluster(address)
-    try:
-        return _run_ablation(matrix, store, device, workers, max_stack, data_dir, on_stack,
-                             on_plan, shard, cluster)
-    finally:
-        cluster.shutdown()
+    if backend == "local" and address is not None:
+        raise MnistbenchError(f"--address {address} applies only to --backend ray")
+    check_dataset(matrix)
+    store_path = Path(store_path)
+    with contextlib.ExitStack() as resources:
+        if store_path.exists():
+            existing = resources.enter_context(Store(store_path))
+        else:
+            check_store_path(store_path)
+            existing = None
+
+        def open_store() -> Store:
+            if existing is not None:
+                return existing
+            return resources.enter_context(Store(store_path))
+
+        cluster = None
+        if backend == "ray":
+            cluster = RayCluster(address)
+            resources.callback(cluster.shutdown)
+        return _run_ablation(matrix, existing, open_store, device, workers, max_stack, data_dir,
+                             on_stack, on_plan, shard, cluster)
 
 
-def _run_ablation(matrix: Matrix, store: Store, device: str | None, workers: int | None,
-                  max_stack: int | None, data_dir: str | None,
-                  on_stack: Callable[[list[RunResult]], None] | None,
+def _run_ablation(matrix: Matrix, existing: Store | None, open_store: Callable[[], Store],
+                  device: str | None, workers: int | None, max_stack: int | None,
+                  data_dir: str | None, on_stack: Callable[[list[RunResult]], None] | None,
                   on_plan: Callable[[Plan], None] | None, shard: Shard | None,
                   cluster: RayCluster | None) -> Summary:
     if cluster is None:
@@ -296,8 +338,9 @@ def _run_ablation(matrix: Matrix, store: Store, device: str | None, workers: int
         raise MnistbenchError(f"--workers must be at least 1; got {workers}")
     if max_stack is None:
         max_stack = DEFAULT_MAX_STACK_CUDA if torch_device.type == "cuda" else DEFAULT_MAX_STACK_CPU
-    plan, data = prepare(matrix, store, device=torch_device, workers=workers,
+    plan, data = prepare(matrix, existing, device=torch_device, workers=workers,
                          max_stack=max_stack, data_dir=data_dir, shard=shard, cluster=cluster)
+    store = open_store()
     store.save_ablation(matrix, plan.keyed)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     claimed = set(store.claim([m.run_key for m in plan.pending], owner))

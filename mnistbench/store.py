@@ -51,6 +51,21 @@ from mnistbench.schema import (  # noqa: F401 - run_key and the versions are re-
 
 logger = logging.getLogger(__name__)
 
+
+def check_store_path(path: Path) -> None:
+    """Raise StoreError unless a store file can be created at path; create nothing.
+
+    The path must not be a directory, and no parent of it may be a file.
+    """
+    if path.is_dir():
+        raise StoreError(f"store path {path} is a directory; give the path of a "
+                         f"store file, such as {path / 'ablation.sqlite'}")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise StoreError(f"cannot create store {path}: {blocking} is a file, not a "
+                         f"directory; choose another store path")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -69,19 +84,14 @@ class Store:
         """Open a store; ``readonly=True`` opens an existing one without writing to it."""
         self.path = Path(path)
         if self.path.is_dir():
-            raise StoreError(f"store path {self.path} is a directory; give the path of a "
-                             f"store file, such as {self.path / 'ablation.sqlite'}")
+            check_store_path(self.path)  # raises, naming the directory
         if not self.path.exists():
             if not create or readonly:
                 raise StoreError(
                     f"store not found: {self.path}; run 'mnistbench ablate MATRIX --store "
                     f"{self.path}' first"
                 )
-            blocking = next((p for p in self.path.parents if p.exists() and not p.is_dir()),
-                            None)
-            if blocking is not None:
-                raise StoreError(f"cannot create store {self.path}: {blocking} is a file, not a "
-                                 f"directory; choose another store path")
+            check_store_path(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             if readonly:
@@ -264,6 +274,7 @@ class Store:
         host = socket.gethostname()
         now = time.time()
         claimed = []
+        taken_over: dict[str, list] = {}  # previous owner -> [run count, why it is stale]
         with self.transaction():
             finished = {row[0] for row in self.connection.execute("SELECT run_key FROM runs")}
             current = {row[0]: row[1:] for row in self.connection.execute(
@@ -277,12 +288,23 @@ class Store:
                     dead = other_host == host and not _pid_alive(other_pid)
                     if not dead and now - claimed_at < stale_seconds:
                         continue
-                    logger.info("taking over stale claim on run %s from %s", key, other_owner)
+                    if dead:
+                        reason = f"process {other_pid} on {other_host} is gone"
+                    else:
+                        reason = (f"claimed {now - claimed_at:.0f} s ago, more than the "
+                                  f"{stale_seconds:.0f} s limit")
+                    taken_over.setdefault(other_owner, [0, reason])[0] += 1
                 self.connection.execute(
                     "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
                     (key, owner, host, os.getpid(), now),
                 )
                 claimed.append(key)
+        if taken_over:
+            # One line per call, not per run: a dead process can leave thousands of claims.
+            total = sum(count for count, _ in taken_over.values())
+            owners = "; ".join(f"{count} from {other_owner} ({reason})"
+                               for other_owner, (count, reason) in taken_over.items())
+            logger.info("took over %d stale claims: %s", total, owners)
         return claimed
 
     def release(self, owner: str) -> None:

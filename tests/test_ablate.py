@@ -63,6 +63,12 @@ def test_second_ablate_skips_finished_runs(tiny_matrix: Path, tmp_path: Path) ->
                            text=True, timeout=600, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "trained 16 runs" in first.stdout
+    # A dry run keys the runs without loading the data, and finds the same ones stored.
+    dry = subprocess.run(ablate_command(tiny_matrix, store_path, "--dry-run"),
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert f"= 16 runs; 16 already in {store_path}" in dry.stdout
+    assert "to train: 0 runs" in dry.stdout
     again = subprocess.run(ablate_command(tiny_matrix, store_path), capture_output=True,
                            text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -96,6 +102,39 @@ def test_killed_ablate_resumes_with_one_row_per_run(tiny_matrix: Path, tmp_path:
     assert resumed.returncode == 0, resumed.stderr
     assert f"{killed_at} already in" in resumed.stdout
     assert f"trained {16 - killed_at} runs" in resumed.stdout
+    keys, members, claims, epochs = store_contents(store_path)
+    assert len(keys) == len(set(keys)) == 16
+    assert set(keys) == members
+    assert claims == 0
+    assert epochs == 16 * 2
+
+
+def test_sigterm_exits_143_and_resumes(tiny_matrix: Path, tmp_path: Path) -> None:
+    store_path = tmp_path / "tiny.sqlite"
+    command = ablate_command(tiny_matrix, store_path, "--workers", "1", "--max-stack", "2")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while count_runs(store_path) < 2 and time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "terminated by SIGTERM; finished runs are kept in the store" in stderr
+    assert "Traceback" not in stderr
+    stopped_at = count_runs(store_path)
+    assert 2 <= stopped_at < 16, f"SIGTERM landed after {stopped_at} runs; expected mid-matrix"
+    _, _, claims, _ = store_contents(store_path)
+    assert claims == 0
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                             cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{stopped_at} already in" in resumed.stdout
+    assert f"trained {16 - stopped_at} runs" in resumed.stdout
     keys, members, claims, epochs = store_contents(store_path)
     assert len(keys) == len(set(keys)) == 16
     assert set(keys) == members

@@ -146,6 +146,34 @@ def test_load_directory_count_mismatch_rejected(tiny_dataset: TinyDataset) -> No
         data.load_dataset(str(tiny_dataset.directory))
 
 
+def test_missing_dataset_directory_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(DataError, match=rf"^dataset directory './kmnist' \(resolved to {tmp_path / 'kmnist'}\) not found; expected mnist or fashion-mnist, or an existing directory that contains the four IDX files train-images-idx3-ubyte, "):
+        data.load_dataset("./kmnist")
+
+
+def test_dataset_path_to_file_rejected(tmp_path: Path) -> None:
+    (tmp_path / "kmnist").write_bytes(b"")
+
+    with pytest.raises(DataError, match=rf"^dataset directory '{tmp_path / 'kmnist'}' is a file, not a directory; expected mnist or fashion-mnist, "):
+        data.load_dataset(str(tmp_path / "kmnist"))
+
+
+def test_dataset_md5_of_directory_matches_load(tiny_dataset: TinyDataset) -> None:
+    expected = data.load_dataset(str(tiny_dataset.directory)).md5
+
+    assert data.dataset_md5(str(tiny_dataset.directory)) == expected
+
+
+def test_dataset_md5_of_known_dataset_reads_nothing(tiny_known: KnownDataset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+
+    assert data.dataset_md5("tiny") == data.combined_md5(tiny_known.md5)
+    assert data.missing_from_cache("tiny", cache) == list(FILE_NAMES)
+    assert not cache.exists()
+
+
 def test_unknown_dataset_suggests_close_name(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"unknown dataset 'fashion-mnst'; known datasets: mnist, fashion-mnist, .*did you mean 'fashion-mnist'\?"):
         data.load_dataset("fashion-mnst", tmp_path)
@@ -466,6 +494,8 @@ def test_real_mnist_loads_from_default_cache() -> None:
     assert torch.bincount(dataset.test_labels).tolist() == MNIST_TEST_CLASS_COUNTS
     joined = "".join(data.KNOWN_DATASETS["mnist"].md5[name] for name in FILE_NAMES)
     assert dataset.md5 == hashlib.md5(joined.encode()).hexdigest()
+    # A dry run keys runs with this MD5, so it must equal the loaded dataset's.
+    assert data.dataset_md5("mnist") == dataset.md5
 
 
 @pytest.mark.slow

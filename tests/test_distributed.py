@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import TINY_MATRIX, count_runs, store_contents
+from builders import TINY_MATRIX, Planned, build_store, count_runs, store_contents
 from mnistbench.cli import main
 from mnistbench.errors import MnistbenchError
 from mnistbench.store import Store
@@ -241,3 +241,23 @@ def test_bad_distribution_options_exit_2(tiny_matrix: Path, tmp_path: Path,
     assert status == 2
     assert re.search(f"^error: {message}", capsys.readouterr().err)
     assert not (tmp_path / "s.sqlite").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_unreachable_cluster_leaves_stores_alone(tiny_matrix: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    new_store = tmp_path / "stores" / "new.sqlite"
+    existing_store = tmp_path / "existing.sqlite"
+    build_store(existing_store, {"name": "t", "seeds": 2}, lambda cell, seed: Planned()).close()
+    before = existing_store.read_bytes()
+
+    for store_path in (new_store, existing_store):
+        result = ablate(tiny_matrix, store_path, "--backend", "ray", "--address", "127.0.0.1:1",
+                        cwd=tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "error: cannot reach the Ray cluster at --address 127.0.0.1:1" in result.stderr
+
+    assert not new_store.parent.exists()
+    assert existing_store.read_bytes() == before
+    assert count_runs(existing_store) == 2

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -82,6 +85,37 @@ def test_claims_take_over_dead_owners(tmp_path: Path) -> None:
     assert store.claim(["a", "b"], "second") == ["a"]
     store.release("first")
     assert store.claim(["b"], "second") == ["b"]
+
+
+def test_stale_claims_logged_once_per_call(tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    keys = [f"run-{index}" for index in range(5)]
+    store.claim(keys, "dead-owner")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    store.connection.execute("UPDATE claims SET pid = ?", (dead_pid,))
+    host = socket.gethostname()
+
+    with caplog.at_level(logging.INFO, logger="mnistbench.store"):
+        assert store.claim(keys, "second") == keys
+
+    messages = [record.getMessage() for record in caplog.records
+                if record.name == "mnistbench.store"]
+    assert messages == [f"took over 5 stale claims: 5 from dead-owner "
+                        f"(process {dead_pid} on {host} is gone)"]
+
+    # Claims of a live process are stale once they are older than the limit.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mnistbench.store"):
+        assert store.claim(keys[:3], "third", stale_seconds=0.0) == keys[:3]
+
+    messages = [record.getMessage() for record in caplog.records
+                if record.name == "mnistbench.store"]
+    assert len(messages) == 1
+    assert re.fullmatch(r"took over 3 stale claims: 3 from second \(claimed \d+ s ago, "
+                        r"more than the 0 s limit\)", messages[0]), messages[0]
 
 
 def test_readonly_store_is_not_modified(tmp_path: Path) -> None:

@@ -15,10 +15,30 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import select
+import signal
 import sys
 
 from mnistbench import __version__
 from mnistbench.errors import MnistbenchError
+
+class Terminated(KeyboardInterrupt):
+    """A termination signal such as SIGTERM, raised like Ctrl-C so that the same cleanup runs.
+
+    It derives from KeyboardInterrupt, so ``except Exception`` blocks that record crashed
+    runs do not catch it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """Raise Terminated; a signal handler for ``signal.signal``."""
+    raise Terminated(signum)
+
 
 # Modules of this package that define subcommands, in the order of the help text.
 # A module that does not exist yet is skipped so the parser always builds.
@@ -50,7 +70,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line and return its exit status (0 ok, 1 check failed, 2 bad input)."""
+    """Run the command line and return its exit status.
+
+    0: ok, 1: check failed, 2: invalid input. A command ended by a signal returns 128 +
+    the signal number: 130 for Ctrl-C (SIGINT) and 143 for SIGTERM, which only ablate
+    handles. When the reader of stdout goes away, as `head` does, the command ends
+    quietly with 141 (SIGPIPE).
+    """
+    try:
+        try:
+            return _run_command(argv)
+        finally:
+            sys.stdout.flush()  # here, so that a closed stdout fails now and not at exit
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Python flushes stdout again at exit; pointing it at /dev/null keeps that quiet.
+        # This is the recipe of the Python docs, "Note on SIGPIPE" in the signal module.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_closed() -> bool:
+    """Return whether stdout is a pipe whose read end is closed."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):  # no poll(), or stdout has no descriptor
+        return False
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
+
+
+def _run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet:
@@ -65,9 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     except MnistbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Terminated as terminated:
+        print(f"terminated by {terminated}; finished runs are kept in the store",
+              file=sys.stderr)
+        return 128 + terminated.signum
     except KeyboardInterrupt:
         print("interrupted; finished runs are kept in the store", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     return int(status or 0)
 
 

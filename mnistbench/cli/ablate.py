@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mnistbench.cli import raise_terminated
 from mnistbench.errors import MnistbenchError
 
 if TYPE_CHECKING:
@@ -52,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="dataset cache directory (default: $MNISTBENCH_DATA_DIR or "
                              "~/.cache/mnistbench)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="show the cells, stacks and runs left to train, and train nothing")
+                        help="show the cells, stacks and runs left to train; fetch no data, "
+                             "create no store and train nothing")
     parser.add_argument("--backend", choices=("local", "ray"), default="local",
                         help="local: worker processes on this machine (default); ray: one Ray "
                              "task per stack on a Ray cluster (pip install 'mnistbench[ray]')")
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from mnistbench.distributed import parse_shard
     from mnistbench.matrix import apply_overrides, load_matrix
     from mnistbench.outcome import RunResult
-    from mnistbench.scheduler import Plan, resolve_device, run_ablation
+    from mnistbench.scheduler import Plan, check_dataset, resolve_device, run_ablation
     from mnistbench.store import Store
 
     for option, value in (("--workers", args.workers), ("--max-stack", args.max_stack)):
@@ -90,10 +92,11 @@ def run(args: argparse.Namespace) -> int:
     if args.overrides:
         matrix = apply_overrides(matrix, args.overrides)
     store_path = args.store or default_store(matrix)
+    check_dataset(matrix)
     if args.dry_run:
         return _dry_run(matrix, store_path, args, shard)
 
-    # Check the device before the store is created, so a typo leaves no file behind.
+    # Check the device before any data loads, so a typo fails at once.
     # A Ray cluster's devices are checked on the cluster instead.
     if args.backend == "local":
         resolve_device(args.device)
@@ -103,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
             f"--set {item}" for item in args.overrides) + "\n"
         matrix = replace(matrix, text=matrix.text + note)
 
-    # A SIGTERM (from a scheduler or `kill`) unwinds like Ctrl-C, so claims are released.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    store = Store(store_path)
+    # A SIGTERM (from a scheduler or `kill`) unwinds like Ctrl-C, so claims are released,
+    # and the command exits with 143 instead of Ctrl-C's 130.
+    signal.signal(signal.SIGTERM, raise_terminated)
     bar = tqdm(total=0, unit="run", desc=matrix.name, dynamic_ncols=True, file=sys.stderr,
                disable=None)
     started = time.perf_counter()
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{rate:.2f} model-epochs/s")
 
     try:
-        summary = run_ablation(matrix, store, device=args.device, workers=args.workers,
+        summary = run_ablation(matrix, store_path, device=args.device, workers=args.workers,
                                max_stack=args.max_stack, data_dir=args.data_dir,
                                on_stack=on_stack, on_plan=on_plan, backend=args.backend,
                                address=args.address, shard=shard)
@@ -140,24 +143,21 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     print(f"trained {summary.trained} runs in {elapsed:.1f} s "
           f"({summary.crashed} crashed, {summary.claimed_elsewhere} left to another process)")
-    print_cell_table(store, matrix.name)
+    with Store(store_path, readonly=True) as store:
+        print_cell_table(store, matrix.name)
     print(f"store: {store_path}")
-    store.close()
     return 0
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
              shard: Shard | None) -> int:
+    from mnistbench.data import KNOWN_DATASETS, dataset_dir, dataset_md5, missing_from_cache
     from mnistbench.distributed import RayCluster
     from mnistbench.scheduler import (
         DEFAULT_MAX_STACK_CPU,
         DEFAULT_MAX_STACK_CUDA,
         default_workers,
-        prepare,
+        plan_runs,
         resolve_device,
     )
     from mnistbench.store import Store
@@ -175,8 +175,10 @@ def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
     max_stack = args.max_stack
     if max_stack is None:
         max_stack = DEFAULT_MAX_STACK_CUDA if device.type == "cuda" else DEFAULT_MAX_STACK_CPU
-    plan, _ = prepare(matrix, store, device=device, workers=workers, max_stack=max_stack,
-                      data_dir=args.data_dir, shard=shard, cluster=cluster)
+    # A dry run fetches nothing: the run keys need only the dataset's MD5, which the
+    # registry gives for a known dataset and a directory's files give otherwise.
+    plan = plan_runs(matrix, store, dataset_md5=dataset_md5(matrix.dataset), device=device,
+                     workers=workers, max_stack=max_stack, shard=shard, cluster=cluster)
     if cluster is not None:
         cluster.shutdown()
     cells = matrix.cells()
@@ -184,6 +186,9 @@ def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
     print(f"ablation {matrix.name}: {len(cells)} cells x {len(matrix.seeds)} seeds = "
           f"{len(plan.keyed)} runs{scope}; {len(plan.assigned) - len(plan.pending)} already in "
           f"{store_path}")
+    if matrix.dataset in KNOWN_DATASETS and missing_from_cache(matrix.dataset, args.data_dir):
+        print(f"dataset {matrix.dataset} is not in the cache "
+              f"{dataset_dir(matrix.dataset, args.data_dir)}; ablate fetches it before training")
     epochs = sum(m.settings.epochs for m in plan.pending)
     print(f"to train: {len(plan.pending)} runs, {epochs} model-epochs, in "
           f"{len(plan.stacks)} stacks on {plan.device} with {workers} workers")

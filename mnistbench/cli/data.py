@@ -13,11 +13,13 @@ import hashlib
 import os
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mnistbench import data, idx
 from mnistbench.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 DATA_DIR_HELP = f"cache root (default: ${data.DATA_DIR_ENV}, else ~/.cache/mnistbench)"
 
@@ -155,6 +157,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def _print_counts(tensors: dict[str, torch.Tensor]) -> None:
     """Print the image count and size of each split, then a table of per-class counts."""
+    import torch  # imported here so that `mnistbench --help` starts without torch
+
     splits = {"train": data.FILE_NAMES[:2], "test": data.FILE_NAMES[2:]}
     print(f"{'split':<6} {'images':>7}  size")
     for split, (images_name, labels_name) in splits.items():
