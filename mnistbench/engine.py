@@ -328,8 +328,8 @@ def _keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse instead of returning it to the kernel.
 
     A training step allocates and frees buffers of several MB. By default glibc hands
-    many of them back, and the next step faults every page in again: 150,000 page
-    faults, 8% of a convolution stack's training time. With buffers up to 32 MB (the
+    many of them back, and the next step faults every page in again. A benchmark stack
+    of the pooled convolution front took about 150,000 page faults and 8% longer. With buffers up to 32 MB (the
     largest threshold glibc accepts) served from the heap and the heap never trimmed,
     the process keeps its peak working set instead.
     """
