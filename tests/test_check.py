@@ -748,3 +748,66 @@ def test_unwritable_baseline_names_path(good_store: Path, tmp_path: Path,
                                                   r"baseline\.json: Permission denied; expected "
                                                   r"the path of a writable file"):
             write_baseline(store, "t", target)
+
+
+@pytest.mark.parametrize("option", ["--junit", "--summary", "--json"])
+def test_output_over_store_rejected(good_store: Path, thresholds: Path, option: str,
+                                    capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    before = good_store.read_bytes()
+    status = main(["check", str(good_store), "--thresholds", str(thresholds), option,
+                   str(good_store)])
+    assert status == 2
+    assert f"error: {option} {good_store} is also the store; expected a new file" in (
+        capsys.readouterr().err)
+    assert good_store.read_bytes() == before
+
+
+def test_output_over_thresholds_rejected(good_store: Path, thresholds: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    before = thresholds.read_text()
+    status = main(["check", str(good_store), "--thresholds", str(thresholds), "--json",
+                   str(thresholds)])
+    assert status == 2
+    assert f"--json {thresholds} is also the --thresholds file" in capsys.readouterr().err
+    assert thresholds.read_text() == before
+
+
+def test_output_over_other_sqlite_rejected(good_store: Path, thresholds: Path,
+                                           tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    other = tmp_path / "other.sqlite"
+    other.write_bytes(good_store.read_bytes())
+    status = main(["check", str(good_store), "--thresholds", str(thresholds), "--summary",
+                   str(other)])
+    assert status == 2
+    assert f"--summary {other} is an SQLite file, which this would overwrite" in (
+        capsys.readouterr().err)
+    assert other.read_bytes() == good_store.read_bytes()
+
+
+def test_two_outputs_one_file_rejected(good_store: Path, thresholds: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    target = tmp_path / "out.txt"
+    status = main(["check", str(good_store), "--thresholds", str(thresholds), "--json",
+                   str(target), "--summary", str(target)])
+    assert status == 2
+    assert f"--summary and --json both name {target}" in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_baseline_over_store_rejected(good_store: Path, capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    before = good_store.read_bytes()
+    status = main(["baseline", "save", str(good_store), "--out", str(good_store)])
+    assert status == 2
+    assert f"--out {good_store} is also the store" in capsys.readouterr().err
+    assert good_store.read_bytes() == before

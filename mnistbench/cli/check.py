@@ -13,6 +13,7 @@ top-level command turns into exit status 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import xml.etree.ElementTree as ET
 from dataclasses import asdict
@@ -80,8 +81,14 @@ def run_check_command(args: argparse.Namespace) -> int:
     ]
     outputs = [(option, path, render) for option, path, render in requested if path is not None]
     # A bad output path fails before the check runs, not after its table is printed.
+    inputs = {"the store": args.store, "the --thresholds file": args.thresholds,
+              "the --baseline input": args.baseline}
     for option, path, _ in outputs:
-        _check_output_path(option, path)
+        _check_output_path(option, path, inputs)
+    for (option, path, _), (other, other_path, _) in itertools.combinations(outputs, 2):
+        if _same_file(path, other_path):
+            raise CheckInputError(f"{option} and {other} both name {path}; expected a "
+                                  "different file for each output")
     report = run_check(args.store, args.thresholds, baseline_path=args.baseline,
                        ablation=args.ablation)
     print(render_table(report))
@@ -92,7 +99,7 @@ def run_check_command(args: argparse.Namespace) -> int:
 
 def run_baseline_save(args: argparse.Namespace) -> int:
     """Write the baseline JSON of one ablation and print what was written."""
-    _check_output_path("--out", args.out)
+    _check_output_path("--out", args.out, {"the store": args.store})
     with Store(args.store, readonly=True) as store:
         name = store.ablation(args.ablation)["name"]
         summary = write_baseline(store, name, args.out)
@@ -198,17 +205,41 @@ def _markdown_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _check_output_path(option: str, path: Path) -> None:
-    """Raise CheckInputError before the check runs when ``path`` cannot be a file."""
+def _same_file(path: Path, other: Path | None) -> bool:
+    return other is not None and path.resolve() == Path(other).resolve()
+
+
+def _check_output_path(option: str, path: Path, inputs: dict[str, Path | None]) -> None:
+    """Raise CheckInputError before the check runs when ``path`` cannot be a file.
+
+    An output that would overwrite one of the command's inputs, or any SQLite file,
+    is rejected, so a mistyped option never destroys a store or a thresholds file.
+    """
     kind, example = OUTPUTS[option]
     if path.is_dir():
         raise CheckInputError(f"{option} {path} is a directory; expected the path of a file "
                               f"to write the {kind} to, such as {path / example}")
+    for name, input_path in inputs.items():
+        if _same_file(path, input_path):
+            raise CheckInputError(f"{option} {path} is also {name}; expected a new file, "
+                                  f"such as {path.parent / example}")
+    if path.is_file() and _is_sqlite(path):
+        raise CheckInputError(f"{option} {path} is an SQLite file, which this would "
+                              f"overwrite; expected the path of a {kind} file, such as "
+                              f"{path.parent / example}")
     blocking = next((parent for parent in path.parents
                      if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise CheckInputError(f"{option} {path}: {blocking} is a file, not a directory; "
                               f"expected the path of a file to write the {kind} to")
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def _write(option: str, path: Path, text: str) -> None:
