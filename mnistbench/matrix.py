@@ -320,11 +320,20 @@ def _check_cells(matrix: Matrix, checker: SectionChecker) -> None:
     if not kept:
         raise checker.error("exclude", f"drops all {len(combinations)} cells, so no cell is left to run")
 
+    cell_of_settings: dict[Settings, str] = {}
     for index, levels in enumerate(kept):
         try:
-            _make_cell(matrix, index, levels)
+            cell = _make_cell(matrix, index, levels)
         except ValueError as error:
             raise checker.error(
                 f"cell {_cell_id(levels)!r}",
                 f"{error}; exclude this cell, or vary these settings together in a bundle factor",
             ) from None
+        # Two cells that train the same settings would be the same runs twice.
+        twin = cell_of_settings.setdefault(cell.settings, cell.cell_id)
+        if twin != cell.cell_id:
+            raise checker.error(
+                f"cell {cell.cell_id!r}",
+                f"trains the same settings as cell {twin!r}; give the bundles or levels "
+                "that differ only in name different settings, or remove one",
+            )

@@ -22,8 +22,8 @@ import yaml
 from mnistbench.errors import MatrixError
 from mnistbench.settings import (
     CRITERIA_NAMES,
+    CRITERIA_RANGES,
     SETTING_NAMES,
-    SHARE,
     Criteria,
     Range,
     Settings,
@@ -39,6 +39,8 @@ from mnistbench.settings import (
 # Number of training examples of each dataset known by name. A dataset given as a
 # directory path has no entry, so its train_subset has no upper bound here.
 TRAIN_SIZES: dict[str, int] = {"mnist": 60_000, "fashion-mnist": 60_000}
+# A seed is stored as an SQLite INTEGER, a signed 64-bit number.
+SEED_RANGE = Range(low=0, high=2**63 - 1, high_inclusive=True)
 TOP_LEVEL_KEYS = ("name", "dataset", "seeds", "train", "factors", "exclude", "criteria")
 # More seeds than this is almost surely a typo; the bound keeps expansion cheap to check.
 SEED_COUNT = Range(low=1, high=10_000, high_inclusive=True)
@@ -192,7 +194,7 @@ class SectionChecker:
         parsed: list[int] = []
         for index, seed in enumerate(seeds):
             try:
-                seed = parse_int(seed, Range(low=0))
+                seed = parse_int(seed, SEED_RANGE)
             except ValueError as error:
                 raise self.error(f"seeds[{index}]", str(error)) from None
             if seed in parsed:
@@ -336,7 +338,7 @@ class SectionChecker:
         parsed = {}
         for name, value in values.items():
             try:
-                parsed[name] = parse_float(value, SHARE)
+                parsed[name] = parse_float(value, CRITERIA_RANGES[name])
             except ValueError as error:
                 message = f"{error}; a criterion is a fraction such as 0.9"
                 raise self.error(f"criteria.{name}", message) from None

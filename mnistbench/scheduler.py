@@ -248,6 +248,21 @@ def plan_runs(matrix: Matrix, store: Store | None, *, dataset_md5: str, device: 
     return Plan(keyed, pending, stacks, where, workers, shard)
 
 
+def _check_train_subsets(matrix: Matrix, train_size: int) -> None:
+    """Reject a train_subset larger than the dataset's training set.
+
+    Named datasets are checked when the matrix is read; a dataset directory's size is
+    known only once it is loaded.
+    """
+    for cell in matrix.cells():
+        subset = cell.settings.train_subset
+        if subset is not None and subset > train_size:
+            raise MatrixError(
+                f"{matrix.source or 'matrix'}: cell {cell.cell_id!r}: train_subset {subset} "
+                f"is larger than the {train_size} training examples of dataset "
+                f"{matrix.dataset}; expected at most {train_size}")
+
+
 def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, workers: int,
             max_stack: int, data_dir: str | None = None, shard: Shard | None = None,
             cluster: RayCluster | None = None) -> tuple[Plan, DeviceData]:
@@ -257,6 +272,7 @@ def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, worker
     workers train.
     """
     dataset = load_dataset(matrix.dataset, data_dir)
+    _check_train_subsets(matrix, len(dataset.train_labels))
     plan = plan_runs(matrix, store, dataset_md5=dataset.md5, device=device, workers=workers,
                      max_stack=max_stack, shard=shard, cluster=cluster)
     return plan, DeviceData.from_dataset(dataset, device if cluster is None else "cpu")

@@ -159,8 +159,14 @@ class Settings:
 SETTING_NAMES: tuple[str, ...] = tuple(field.name for field in fields(Settings))
 
 
-# Allowed interval of each criterion: a fraction in (0, 1].
+# Allowed interval of each criterion: a fraction in (0, 1]. With 10 classes the most
+# predicted class always takes at least a tenth of the predictions, so a collapse
+# share of 0.1 or less would count every run as collapsed.
 SHARE = Range(low=0, low_inclusive=False, high=1, high_inclusive=True)
+CRITERIA_RANGES = {
+    "convergence_accuracy": SHARE,
+    "collapse_share": Range(low=0.1, low_inclusive=False, high=1, high_inclusive=True),
+}
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,7 @@ class Criteria:
     def __post_init__(self) -> None:
         for field in fields(self):
             try:
-                value = parse_float(getattr(self, field.name), SHARE)
+                value = parse_float(getattr(self, field.name), CRITERIA_RANGES[field.name])
             except ValueError as error:
                 raise ValueError(f"Criteria.{field.name} {error}") from None
             object.__setattr__(self, field.name, value)

@@ -811,3 +811,40 @@ def test_baseline_over_store_rejected(good_store: Path, capsys: pytest.CaptureFi
     assert status == 2
     assert f"--out {good_store} is also the store" in capsys.readouterr().err
     assert good_store.read_bytes() == before
+
+
+def test_unwritable_report_folder_exits_2(good_store: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnistbench.cli import main
+
+    target = tmp_path / "locked" / "report"
+
+    def reject(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    # Permission bits do not stop root, so creating the folder is made to fail.
+    monkeypatch.setattr(Path, "mkdir", reject)
+    status = main(["report", str(good_store), "--out", str(target)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "permission denied; choose a path that this user can write" in err
+    assert "Traceback" not in err
+
+
+def test_store_write_failure_exits_2(good_store: Path, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from mnistbench.cli import main
+    from mnistbench.cli import check as cli_check
+
+    def fail(args: object) -> int:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(cli_check, "run_baseline_save", fail)
+    status = main(["baseline", "save", str(good_store), "--out", "unused.json"])
+    assert status == 2
+    assert capsys.readouterr().err == (
+        "error: the store could not be written: attempt to write a readonly database; "
+        "check that the store file and its folder are writable\n")

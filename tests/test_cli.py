@@ -59,6 +59,21 @@ def mnistbench(*args: str, cwd: Path, env: dict[str, str] | None = None
                           text=True, timeout=300, cwd=cwd, env={**os.environ, **(env or {})})
 
 
+def test_train_subset_beyond_directory_dataset_exits_2(tiny_dataset, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    matrix = tmp_path / "tiny.yaml"
+    matrix.write_text(SMALL_MATRIX + f"dataset: {tiny_dataset.directory}\n")
+    store = tmp_path / "tiny.sqlite"
+
+    status = main(["ablate", str(matrix), "--store", str(store)])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert (f"error: {matrix}: cell 'activation=relu': train_subset 200 is larger than the 6 training "
+            f"examples of dataset {tiny_dataset.directory}; expected at most 6") in err
+    assert not store.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--dry-run"]], ids=["ablate", "dry-run"])
 def test_missing_dataset_directory_exits_2(tmp_path: Path, extra: list[str]) -> None:

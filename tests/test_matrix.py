@@ -284,7 +284,7 @@ def test_settings_reject_invalid_values(kwargs, message):
 
 
 def test_criteria_reject_out_of_range():
-    with pytest.raises(ValueError, match=r"Criteria.collapse_share must be in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"Criteria.collapse_share must be in \(0.1, 1\], got 1.5"):
         Criteria(collapse_share=1.5)
 
 
@@ -393,9 +393,9 @@ ERROR_CASES = [
     pytest.param("seeds: five\n", r"seeds: .*got 'five' \(string\)", id="seeds-string"),
     pytest.param("seeds: true\n", r"seeds: .*got true \(boolean\)", id="seeds-bool"),
     pytest.param("seeds: []\n", r"seeds: the list is empty", id="seeds-empty-list"),
-    pytest.param("seeds: [0, -1]\n", r"seeds\[1\]: must be an integer >= 0, got -1", id="seed-negative"),
+    pytest.param("seeds: [0, -1]\n", r"seeds\[1\]: must be an integer in \[0, 9223372036854775807\], got -1", id="seed-negative"),
     pytest.param("seeds: [1, 2, 1]\n", r"seeds\[2\]: duplicate seed 1; seeds must be distinct", id="seed-duplicate"),
-    pytest.param("seeds: [0, 1.5]\n", r"seeds\[1\]: must be an integer >= 0, got 1.5 \(number\)", id="seed-not-int"),
+    pytest.param("seeds: [0, 1.5]\n", r"seeds\[1\]: must be an integer in \[0, 9223372036854775807\], got 1.5 \(number\)", id="seed-not-int"),
     # exclude
     pytest.param(FACTORS_AR + "exclude: {activation: relu}\n", r"exclude: must be a list of factor -> level mappings, got a mapping", id="exclude-not-list"),
     pytest.param(FACTORS_AR + "exclude:\n  - {}\n", r"exclude\[0\]: must be a non-empty mapping of factor -> level, got a mapping", id="exclude-empty-entry"),
@@ -424,7 +424,11 @@ ERROR_CASES = [
     ),
     # criteria
     pytest.param("criteria:\n  convergence_accuracy: 0\n", r"criteria.convergence_accuracy: must be in \(0, 1\], got 0; a criterion is a fraction", id="criterion-zero"),
-    pytest.param("criteria:\n  collapse_share: 1.5\n", r"criteria.collapse_share: must be in \(0, 1\], got 1.5", id="criterion-above-one"),
+    pytest.param("criteria:\n  collapse_share: 1.5\n", r"criteria.collapse_share: must be in \(0.1, 1\], got 1.5", id="criterion-above-one"),
+    pytest.param("criteria:\n  collapse_share: 0.1\n", r"criteria.collapse_share: must be in \(0.1, 1\], got 0.1", id="collapse-share-at-one-in-ten"),
+    # seeds and cells
+    pytest.param("seeds: [18446744073709551615]\n" + FACTORS_AR, r"seeds\[0\]: must be an integer in \[0, 9223372036854775807\], got 18446744073709551615", id="seed-beyond-64-bits"),
+    pytest.param("factors:\n  setup:\n    base: {}\n    mlp: {conv: false}\n", r"cell 'setup=mlp': trains the same settings as cell 'setup=base'", id="bundles-with-same-settings"),
     pytest.param("criteria:\n  collapse: 0.9\n", r"criteria.collapse: unknown criterion 'collapse'.*did you mean 'collapse_share'\?", id="unknown-criterion"),
     pytest.param("criteria: 0.9\n", r"criteria: must be a mapping of criterion -> fraction, got 0.9", id="criteria-not-mapping"),
 ]

@@ -18,6 +18,7 @@ import logging
 import os
 import select
 import signal
+import sqlite3
 import sys
 
 from mnistbench import __version__
@@ -117,6 +118,16 @@ def _run_command(argv: list[str] | None) -> int:
         status = args.func(args)
     except MnistbenchError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except sqlite3.OperationalError as error:
+        # A store on a read-only file or folder raises this mid-command. SQLite rolls the
+        # failed transaction back, so the runs already stored remain.
+        print(f"error: the store could not be written: {error}; check that the store file "
+              "and its folder are writable", file=sys.stderr)
+        return 2
+    except PermissionError as error:
+        print(f"error: {error.filename}: permission denied; choose a path that this user "
+              "can write", file=sys.stderr)
         return 2
     except Terminated as terminated:
         print(f"terminated by {terminated}; finished runs are kept in the store",
