@@ -170,3 +170,21 @@ def test_sigterm_handler_raises_terminated() -> None:
 
     assert raised.value.signum == signal.SIGTERM
     assert isinstance(raised.value, KeyboardInterrupt)
+
+
+def test_cell_table_lists_every_collapse_class(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    from builders import Planned, build_store
+
+    from mnistbench.cli.ablate import print_cell_table
+
+    classes = {0: 7, 1: 4, 2: 7, 3: None}
+    data = {"name": "t", "seeds": 4, "factors": {"activation": ["relu"]}}
+    store = build_store(tmp_path / "t.sqlite", data,
+                        lambda cell, seed: Planned(accuracy=0.2 if classes[seed] else 0.95,
+                                                   collapse_class=classes[seed]))
+    with store:
+        print_cell_table(store, "t")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("collapse classes")
+    assert lines[1].endswith("7 (2 runs), 4 (1 run)")

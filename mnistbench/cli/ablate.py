@@ -208,7 +208,8 @@ def print_cell_table(store: Store, ablation: str) -> None:
     runs = store.runs_frame(ablation)
     cells = store.cells_frame(ablation)
     width = max([len(c) for c in cells["cell_id"]] + [4])
-    print(f"{'cell':<{width}}  runs  converged  collapsed  diverged  median acc  collapse class")
+    print(f"{'cell':<{width}}  runs  converged  collapsed  diverged  median acc  "
+          "collapse classes")
     for cell_id in cells["cell_id"]:
         rows = runs[runs["cell_id"] == cell_id]
         n = len(rows)
@@ -220,7 +221,9 @@ def print_cell_table(store: Store, ablation: str) -> None:
         diverged = (rows["outcome"] == "diverged").mean()
         accuracy = rows["final_accuracy"].median()
         classes = rows["collapse_class"].dropna().astype(int).value_counts()
-        top = f"{classes.index[0]} ({classes.iloc[0]} runs)" if len(classes) else "-"
+        listed = ", ".join(f"{label} ({count} run{'' if count == 1 else 's'})"
+                           for label, count in classes.items())
+        top = listed or "-"
         accuracy_text = f"{accuracy:10.4f}" if accuracy == accuracy else f"{'-':>10}"
         print(f"{cell_id:<{width}}  {n:4d}  {converged:9.0%}  {collapsed:9.0%}  "
               f"{diverged:8.0%}  {accuracy_text}  {top}")
