@@ -272,10 +272,14 @@ def fetch_dataset(
         The path of each cached file, by canonical file name.
 
     Raises:
-        DataError: a file could not be obtained from any source; the message lists
-            every source tried and why it failed.
+        DataError: source_dir is not a directory, or a file could not be obtained
+            from any source; the message lists every source tried and why it failed.
     """
     known = known_dataset(name)
+    if source_dir is not None and not Path(source_dir).expanduser().is_dir():
+        raise DataError(f"source directory (--source-dir) {source_dir} not found; expected a "
+                        f"directory that contains the files {', '.join(FILE_NAMES)}, "
+                        "with or without .gz")
     target = dataset_dir(name, data_dir)
     try:
         target.mkdir(parents=True, exist_ok=True)

@@ -617,3 +617,12 @@ def test_cli_fetch_from_source_dir(tmp_path: Path) -> None:
     assert "  train-images-idx3-ubyte    47040016 bytes" in result.stdout
     assert cache_listing(tmp_path / "cache", "mnist") == sorted(FILE_NAMES)
     assert not any((tmp_path / "cache" / "mnist" / name).is_symlink() for name in FILE_NAMES)
+
+
+def test_missing_source_dir_rejected(tmp_path: Path) -> None:
+    missing = tmp_path / "usb" / "mnist"
+    with pytest.raises(DataError, match=rf"^source directory \(--source-dir\) {missing} not found; "
+                                        r"expected a directory that contains the files "
+                                        r"train-images-idx3-ubyte, "):
+        data.fetch_dataset("mnist", tmp_path / "cache", source_dir=missing)
+    assert not (tmp_path / "cache").exists()

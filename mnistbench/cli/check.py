@@ -57,7 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--json", type=Path, metavar="PATH", help="write the checks as JSON here")
     check.set_defaults(func=run_check_command)
 
-    baseline = subparsers.add_parser("baseline", help="save results as a baseline for check")
+    baseline = subparsers.add_parser(
+        "baseline", help="save results as a baseline for check",
+        description="Save an ablation's per-cell results as a JSON baseline, which "
+                    "`mnistbench check --baseline` compares later runs against.")
     actions = baseline.add_subparsers(dest="baseline_command", metavar="ACTION")
     actions.required = True
     save = actions.add_parser(
