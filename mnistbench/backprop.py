@@ -119,12 +119,12 @@ def gradients(block: Block, trace: Trace, logit_grad: torch.Tensor) -> Gradients
         grads["conv_weight"] = taps[:, :CONV_TAPS].contiguous()
         grads["conv_bias"] = taps[:, CONV_TAPS:].contiguous()
         return Gradients(grads, factors)
-    # Against the pooled rows, a pair's even output reads rows 0-2 and its odd
-    # output rows 1-3: sums[m, j, k] pairs gradient row j with pixel row k.
+    # Against the pooled rows, a pair's even output reads rows 0-2 and its odd output
+    # reads rows 1-3. sums[m, j, k] is gradient row j times pixel row k.
     shares = torch.empty(block.front_shape(batch), device=grad.device).view(members, 2, -1)
     if act.monotone:
         # Pooled before the activation: the pooled unit passes its gradient to the
-        # larger of its pair, the even one on a tie. Row 0 holds the whole gradient
+        # larger of its pair, the even one on a tie. Row 0 contains the whole gradient
         # and row 1 the odd share, so the even share is row 0 minus row 1.
         act.backward(grad, trace.front_out, None, out=shares[:, 0].view_as(grad))
         torch.ops.aten.threshold_backward.grad_input(

@@ -351,9 +351,11 @@ class Block:
         return rows.view(seeds, rows.shape[1], -1)
 
     def conv_taps(self) -> torch.Tensor:
-        """Each run's taps against :meth:`conv_rows`: ``(M, 2, 5)`` pooled, with the even
-        output's taps ``(w0, w1, w2, 0, b)`` and the odd one's ``(0, w0, w1, w2, b)``;
-        ``(M, 1, 4)`` unpooled, ``(w0, w1, w2, b)``."""
+        """Arrange each run's taps to multiply :meth:`conv_rows`.
+
+        Pooled: ``(M, 2, 5)``, with the even output's taps ``(w0, w1, w2, 0, b)`` and the
+        odd one's ``(0, w0, w1, w2, b)``. Unpooled: ``(M, 1, 4)``, ``(w0, w1, w2, b)``.
+        """
         weight, bias = self.params["conv_weight"], self.params["conv_bias"]
         if not self.pool:
             return torch.cat([weight, bias], dim=1)[:, None]

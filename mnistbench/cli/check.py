@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict
 from pathlib import Path
 
-from mnistbench.baseline import write_baseline
+from mnistbench.baseline import SQLITE_MAGIC, write_baseline
 from mnistbench.check import FAIL, NO_BASELINE, NOISE, PASS, CheckReport, CheckResult, run_check
 from mnistbench.errors import CheckInputError
 from mnistbench.store import Store
@@ -240,7 +240,7 @@ def _check_output_path(option: str, path: Path, inputs: dict[str, Path | None]) 
 def _is_sqlite(path: Path) -> bool:
     try:
         with path.open("rb") as file:
-            return file.read(16) == b"SQLite format 3\x00"
+            return file.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
     except OSError:
         return False
 
