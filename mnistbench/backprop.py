@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mnistbench.features import Band
 from mnistbench.model import CONV_TAPS, Block, Trace
 
 
@@ -28,17 +29,29 @@ class Gradients:
 
     ``params`` maps parameter names to gradients. ``factors`` is ``(a, b)``, whose
     product ``torch.bmm(a, b)`` is the first layer's weight gradient, or None once
-    that gradient is in ``params["weight1"]``.
+    that gradient is in ``params["weight1"]``. With ``bands`` (per seed, as in
+    :class:`~mnistbench.model.Trace`), ``a[s]`` is zero outside its seed's bands, and
+    the products skip the rest.
     """
 
     params: dict[str, torch.Tensor]
     factors: tuple[torch.Tensor, torch.Tensor] | None
+    bands: list[tuple[Band, ...]] | None = None
 
     def materialize(self, block: Block) -> None:
         """Write the first layer's weight gradient out, in place of its factors."""
-        if self.factors is not None:
-            self.params["weight1"] = block.matmul(*self.factors)
-            self.factors = None
+        if self.factors is None:
+            return
+        a, b = self.factors
+        if self.bands is None:
+            self.params["weight1"] = block.matmul(a, b)
+        else:
+            grad = torch.zeros(a.shape[0], a.shape[1], b.shape[2], device=a.device)
+            for s, seed_bands in enumerate(self.bands):
+                for first, start, stop in seed_bands:
+                    torch.mm(a[s, start:stop, first:], b[s, first:], out=grad[s, start:stop])
+            self.params["weight1"] = grad
+        self.factors = None
 
 
 def member_losses(logits: torch.Tensor, labels: torch.Tensor, loss: str, *,
@@ -109,7 +122,7 @@ def gradients(block: Block, trace: Trace, logit_grad: torch.Tensor) -> Gradients
         wide = grad.view(block.seed_count, block.variants, batch, block.width).transpose(1, 2)
         factors = (trace.first_input.transpose(1, 2),
                    wide.reshape(block.seed_count, batch, block.variants * block.width))
-        return Gradients(grads, factors)
+        return Gradients(grads, factors, trace.bands)
     factors = (trace.first_input.transpose(1, 2), grad)
     grad = block.matmul(grad, params["weight1"].transpose(1, 2))  # (M, B, n)
     members, rows = block.members, trace.rows.transpose(1, 2)

@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistbench.engine import DeviceData, Member, train_stack
+from mnistbench.evaluation import SLAB, SLAB_CUTS, TILE
 from mnistbench.matrix import Criteria, Settings
-from mnistbench.model import CONV_TAPS, IMAGE_PIXELS, NUM_CLASSES
+from mnistbench.seeds import generator
+from mnistbench.features import IMAGE_PIXELS, zero_skipping_bands
+from mnistbench.initialization import CONV_TAPS, NUM_CLASSES
 
 MATMUL_SIZE = 1024  # square float32 matmul used to measure the machine's rate
 
@@ -47,10 +50,52 @@ def example_flops(settings: Settings, *, train: bool) -> int:
 
 
 def model_epoch_flops(settings: Settings, train_size: int = 60_000, test_size: int = 10_000,
-                      evaluations: int = 1) -> int:
-    """FLOPs of one model-epoch: training on ``train_size`` examples plus test evaluations."""
-    return (train_size * example_flops(settings, train=True)
-            + evaluations * test_size * example_flops(settings, train=False))
+                      evaluations: int = 1, shares: tuple[float, float] = (1.0, 1.0)) -> int:
+    """FLOPs of one model-epoch: training on ``train_size`` examples plus test evaluations.
+
+    ``shares`` are the fractions of the first layer's products (forward and weight
+    gradient) that are multiplied in training and in evaluation; see
+    :func:`multiplied_shares`. The default counts every term.
+    """
+    first = 2 * settings.input_features() * settings.width
+    train = example_flops(settings, train=True) - 2 * first * (1.0 - shares[0])
+    test = example_flops(settings, train=False) - first * (1.0 - shares[1])
+    return round(train_size * train + evaluations * test_size * test)
+
+
+def multiplied_shares(settings: Settings, data: DeviceData, seeds: range) -> tuple[float, float]:
+    """The fractions of the first layer's terms that the engine multiplies on the CPU.
+
+    Replays the batches of ``seeds`` and the evaluation slabs, and returns the share of
+    terms inside their zero-skipping bands, in training and in evaluation. Models with
+    the convolution front multiply everything.
+    """
+    if settings.conv:
+        return 1.0, 1.0
+    arranged = data.first_layer_inputs(settings.pool)
+    features, batch = settings.input_features(), settings.batch_size
+    subset = data.subset_indexes(settings.train_subset)
+    size = data.train_labels.shape[0] if subset is None else subset.shape[0]
+    multiplied = 0
+    for seed in seeds:
+        stream = generator(seed, "data")
+        for _ in range(settings.epochs):  # the engine draws one order per epoch
+            order = torch.randperm(size, generator=stream)
+            order = order if subset is None else subset[order]
+            for start in range(0, size, batch):
+                extents = arranged.extent[order[start:start + batch]].sort().values.tolist()
+                multiplied += _band_terms(zero_skipping_bands(extents), len(extents))
+    train_share = multiplied / (len(seeds) * settings.epochs * size * features)
+    extents = arranged.test_extent.tolist()
+    multiplied = sum(
+        _band_terms(zero_skipping_bands(extents[start:start + SLAB], SLAB_CUTS, align=TILE),
+                    len(extents[start:start + SLAB]))
+        for start in range(0, len(extents), SLAB))
+    return train_share, multiplied / (len(extents) * features)
+
+
+def _band_terms(bands, examples: int) -> int:
+    return sum((examples - first) * (stop - start) for first, start, stop in bands)
 
 
 def matmul_rate(size: int = MATMUL_SIZE, seconds: float = 1.0, device: str = "cpu") -> float:

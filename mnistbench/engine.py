@@ -23,14 +23,18 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from mnistbench.data import Dataset
-from mnistbench.matrix import Criteria, Settings
 from mnistbench.backprop import Gradients, gradients, member_losses
-from mnistbench.model import IMAGE_PIXELS, NUM_CLASSES, Block, structure_of
+from mnistbench.data import Dataset
+from mnistbench.evaluation import evaluate
+from mnistbench.features import (IMAGE_PIXELS, arrange_features, feature_order, nonzero_extent,
+                                 zero_skipping_bands)
+from mnistbench.matrix import Criteria, Settings
+from mnistbench.model import Block, structure_of
+from mnistbench.optimizers import Optimizer
 from mnistbench.outcome import EpochRecord, RunResult, outcome_of_counts
 from mnistbench.seeds import generator
 
@@ -39,13 +43,6 @@ logger = logging.getLogger(__name__)
 # Train subsets are drawn once from this fixed stream, so every run with the same
 # subset size trains on the same examples.
 SUBSET_SEED = 1234
-# Evaluation processes the test set in chunks of at most this many activations per
-# layer (members x examples x features), 16 MB of float32. This bounds memory for big
-# stacks; it also evaluated about 10% faster than 64 MB chunks, which malloc maps afresh.
-EVAL_ELEMENTS = 4_000_000
-ADAM_BETAS = (0.9, 0.999)  # PyTorch's defaults
-ADAM_EPS = 1e-8  # PyTorch's default
-SATURATION_MARGIN = 0.01  # sigmoid/tanh outputs this close to a bound count as saturated
 # The gradient norm is measured on every this many steps, starting with an epoch's
 # first step. Measuring it on every step costs about 7% of an MLP's training time.
 GRAD_NORM_EVERY = 10
@@ -61,6 +58,24 @@ class Member:
 
 
 @dataclass(frozen=True)
+class FirstLayerInputs:
+    """A dataset arranged for a model without the convolution front.
+
+    ``order`` is the feature order; ``train`` and ``test`` are uint8 ``(N, n)`` in that
+    order; ``extent[i]`` is the position after training example ``i``'s last nonzero
+    feature (see :func:`~mnistbench.features.nonzero_extent`). The test examples are
+    sorted by their extents, ``test_extent``, and ``test_labels`` follow them.
+    """
+
+    order: torch.Tensor
+    train: torch.Tensor
+    extent: torch.Tensor
+    test: torch.Tensor
+    test_labels: torch.Tensor
+    test_extent: torch.Tensor
+
+
+@dataclass(frozen=True)
 class DeviceData:
     """The dataset on the training device: uint8 images ``(N, 784)``, int64 labels."""
 
@@ -69,6 +84,8 @@ class DeviceData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     md5: str
+    _arranged: dict[bool, FirstLayerInputs] = field(default_factory=dict, compare=False,
+                                                    repr=False)
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, device: torch.device | str) -> DeviceData:
@@ -83,6 +100,19 @@ class DeviceData:
         return cls(flat(dataset.train_images), dataset.train_labels.to(device),
                    flat(dataset.test_images), dataset.test_labels.to(device), dataset.md5)
 
+    def first_layer_inputs(self, pool: bool) -> FirstLayerInputs:
+        """The images as a model without the convolution front takes them, made once
+        per ``pool`` value; see :func:`mnistbench.features.arrange_features`."""
+        if pool not in self._arranged:
+            order = feature_order(self.train_images, pool)
+            train = arrange_features(self.train_images, pool, order)
+            test = arrange_features(self.test_images, pool, order)
+            test_extent, by_extent = nonzero_extent(test).sort(stable=True)
+            self._arranged[pool] = FirstLayerInputs(
+                order, train, nonzero_extent(train), test[by_extent],
+                self.test_labels[by_extent], test_extent)
+        return self._arranged[pool]
+
     def subset_indexes(self, size: int | None) -> torch.Tensor | None:
         """Return the fixed training subset of ``size`` examples, or None for all."""
         total = self.train_labels.shape[0]
@@ -90,90 +120,6 @@ class DeviceData:
             return None
         order = torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))
         return order[:size].sort().values.to(self.train_labels.device)
-
-
-class _Optimizer:
-    """SGD (with momentum) or Adam over a block's parameters, hyperparameters per member."""
-
-    def __init__(self, block: Block, kind: str) -> None:
-        self.block = block
-        self.kind = kind
-        device = block.device
-        self.lr = torch.tensor([s.lr for s in block.settings], device=device)
-        momentum = torch.tensor([s.momentum for s in block.settings], device=device)
-        decay = torch.tensor([s.weight_decay for s in block.settings], device=device)
-        self.use_decay = bool((decay > 0).any())
-        self.use_momentum = kind == "sgd" and bool((momentum > 0).any())
-        self.step_count = 0
-        self.state = {}
-        for name, param in block.params.items():
-            entry = {"decay": block.broadcast(name, decay)}
-            if self.use_momentum:
-                entry["momentum"] = block.broadcast(name, momentum)
-                entry["buffer"] = torch.zeros_like(param)
-            if kind == "adam":
-                entry["m"] = torch.zeros_like(param)
-                entry["v"] = torch.zeros_like(param)
-            self.state[name] = entry
-        self.refresh_lr()
-
-    def refresh_lr(self) -> None:
-        for name, entry in self.state.items():
-            entry["lr"] = self.block.broadcast(name, self.lr)
-
-    @torch.no_grad()
-    def step(self, gradients: Gradients) -> None:
-        """Update every parameter from its gradient, or ``weight1`` from its factors."""
-        self.step_count += 1
-        for name, param in self.block.params.items():
-            entry = self.state[name]
-            if name not in gradients.params:
-                self._step_factored(param, entry, *gradients.factors)
-                continue
-            grad = gradients.params[name]
-            if self.use_decay:
-                grad = grad + entry["decay"] * param
-            if self.kind == "sgd":
-                if self.use_momentum:
-                    grad = entry["buffer"].mul_(entry["momentum"]).add_(grad)
-                param.addcmul_(entry["lr"], grad, value=-1.0)
-                continue
-            beta1, beta2 = ADAM_BETAS
-            entry["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
-            entry["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            m_hat = entry["m"] / (1 - beta1**self.step_count)
-            v_hat = entry["v"] / (1 - beta2**self.step_count)
-            param.addcdiv_(entry["lr"] * m_hat, v_hat.sqrt_().add_(ADAM_EPS), value=-1.0)
-
-    def _step_factored(self, param: torch.Tensor, entry: dict, a: torch.Tensor,
-                       b: torch.Tensor) -> None:
-        """SGD on a weight whose gradient is ``a @ b``, accumulated inside the matmul.
-
-        The learning rate scales ``b``'s columns (or batches) per member, so the
-        update needs no pass over the weights beyond the matmul's own.
-        """
-        assert self.kind == "sgd", "Adam needs the gradient written out"
-        if self.use_momentum:
-            buffer = entry["buffer"].mul_(entry["momentum"])
-            if self.use_decay:
-                buffer.addcmul_(entry["decay"], param)
-            buffer.baddbmm_(a, b)
-            param.addcmul_(entry["lr"], buffer, value=-1.0)
-            return
-        if self.use_decay:
-            param.mul_(1.0 - entry["lr"] * entry["decay"])
-        param.baddbmm_(a, b * entry["lr"], alpha=-1.0)
-
-    @torch.no_grad()
-    def freeze(self, members: torch.Tensor) -> None:
-        """Zero the weights and state of the given members and stop their updates."""
-        self.lr[members] = 0.0
-        self.refresh_lr()
-        for name, param in self.block.params.items():
-            self.block.zero_members(name, param, members)
-            for key in ("buffer", "m", "v"):
-                if key in self.state[name]:
-                    self.block.zero_members(name, self.state[name][key], members)
 
 
 def _grad_norms(block: Block, gradients: Gradients) -> torch.Tensor:
@@ -189,7 +135,11 @@ def _grad_norms(block: Block, gradients: Gradients) -> torch.Tensor:
     if gradients.factors is not None:
         assert block.shared_weight1, "only a shared first layer keeps its gradient in factors"
         a, b = gradients.factors  # (S, n, B), (S, B, V * H)
-        gram = block.matmul(a.transpose(1, 2), a)  # (S, B, B)
+        if gradients.bands is None:
+            gram = block.matmul(a.transpose(1, 2), a)  # (S, B, B)
+        else:  # only the rows up to the last band's stop can be nonzero
+            gram = torch.stack([a[s, :bands[-1].stop].t() @ a[s, :bands[-1].stop]
+                                for s, bands in enumerate(gradients.bands)])
         squares = block.matmul(gram, b).mul_(b)
         per_member = squares.view(block.seed_count, -1, block.variants, block.width)
         # One contiguous row per member, so the sum does not depend on the stack's size.
@@ -217,61 +167,6 @@ def _weights_finite(block: Block) -> torch.Tensor:
     for name, param in block.params.items():
         bad += block.member_sums(name, (~torch.isfinite(param)).float())
     return bad == 0
-
-
-@torch.no_grad()
-def evaluate(block: Block, images: torch.Tensor, labels: torch.Tensor, activation: str,
-             *, confusion: bool = False) -> dict[str, torch.Tensor]:
-    """Evaluate every member of a block on a labelled set.
-
-    Args:
-        images: uint8 ``(N, 784)``; labels: int64 ``(N,)``.
-
-    Returns:
-        ``accuracy`` (M,), ``counts`` (M, 10) predictions per class, ``unit_fraction``
-        (M,) dead units (relu, gelu) or saturated activations (sigmoid, tanh), and with
-        ``confusion=True`` also ``confusion`` (M, 10, 10), rows true class.
-    """
-    members, width = block.members, block.width
-    # The convolution front's output, (M, chunk, 782), is the largest tensor when on.
-    per_example = members * max(width, IMAGE_PIXELS if block.conv else 0)
-    chunk = max(1, EVAL_ELEMENTS // per_example)
-    correct = torch.zeros(members, dtype=torch.long, device=block.device)
-    counts = torch.zeros(members * NUM_CLASSES, dtype=torch.long, device=block.device)
-    matrix = torch.zeros(members * NUM_CLASSES**2, dtype=torch.long, device=block.device)
-    alive = torch.zeros(members, width, dtype=torch.bool, device=block.device)
-    saturated = torch.zeros(members, dtype=torch.float64, device=block.device)
-    offsets = torch.arange(members, device=block.device)[:, None]
-    for start in range(0, labels.shape[0], chunk):
-        x, y = images[start:start + chunk], labels[start:start + chunk]
-        trace = block.forward(x.expand(block.seed_count, *x.shape), for_backward=False)
-        predicted = trace.logits.argmax(dim=-1)  # (M, C)
-        correct += (predicted == y[None]).sum(dim=1)
-        counts += torch.bincount((offsets * NUM_CLASSES + predicted).flatten(),
-                                 minlength=members * NUM_CLASSES)
-        if confusion:
-            cells = offsets * NUM_CLASSES**2 + y[None] * NUM_CLASSES + predicted
-            matrix += torch.bincount(cells.flatten(), minlength=members * NUM_CLASSES**2)
-        hidden = trace.hidden
-        if activation in ("relu", "gelu"):
-            alive |= (hidden > 0).any(dim=1)  # relu(x) and gelu(x) are positive where x is
-        else:
-            low = -1.0 if activation == "tanh" else 0.0
-            near = (hidden < low + SATURATION_MARGIN) | (hidden > 1.0 - SATURATION_MARGIN)
-            saturated += near.sum(dim=(1, 2)).double()
-    total = labels.shape[0]
-    if activation in ("relu", "gelu"):
-        unit_fraction = 1.0 - alive.float().mean(dim=1)
-    else:
-        unit_fraction = (saturated / (total * width)).float()
-    result = {
-        "accuracy": correct.double() / total,
-        "counts": counts.view(members, NUM_CLASSES),
-        "unit_fraction": unit_fraction,
-    }
-    if confusion:
-        result["confusion"] = matrix.view(members, NUM_CLASSES, NUM_CLASSES)
-    return result
 
 
 def _blocks_by_seed(members: Sequence[Member]) -> list[list[int]]:
@@ -352,9 +247,15 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
     torch.set_flush_denormal(True)
     first = members[0].settings
     groups = _blocks_by_seed(members)
+    arranged = None if first.conv else data.first_layer_inputs(first.pool)
+    train_images = data.train_images if arranged is None else arranged.train
+    test_set = ((data.test_images, data.test_labels, None) if arranged is None else
+                (arranged.test, arranged.test_labels, arranged.test_extent))
     blocks = [Block([members[i].settings for i in g],
-                    list(dict.fromkeys(members[i].seed for i in g)), device) for g in groups]
-    optimizers = [_Optimizer(block, first.optimizer) for block in blocks]
+                    list(dict.fromkeys(members[i].seed for i in g)), device,
+                    None if arranged is None else arranged.order)
+              for g in groups]
+    optimizers = [Optimizer(block, first.optimizer) for block in blocks]
     data_streams = [[generator(seed, "data") for seed in block.seeds] for block in blocks]
     dropout_streams = [[generator(seed, "dropout", device) for seed in block.seeds]
                        for block in blocks]
@@ -388,13 +289,19 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
                 for b, (block, order, streams) in enumerate(zip(blocks, orders,
                                                                  dropout_streams)):
                     index = order[:, start:start + first.batch_size]  # (S, B)
+                    bands = None
+                    if block.skips_zeros:
+                        # Each batch in ascending order of where its zeros start.
+                        extents, by_extent = arranged.extent[index].sort(dim=1, stable=True)
+                        index = index.gather(1, by_extent)
+                        bands = [zero_skipping_bands(e) for e in extents.tolist()]
                     uniform = None
                     if block.uses_dropout:
                         uniform = torch.stack([
                             torch.rand(index.shape[1], block.width, device=device,
                                        generator=stream) for stream in streams])
-                    images = torch.index_select(data.train_images, 0, index.flatten())
-                    trace = block.forward(images.view(*index.shape, -1), uniform)
+                    images = torch.index_select(train_images, 0, index.flatten())
+                    trace = block.forward(images.view(*index.shape, -1), uniform, bands=bands)
                     labels = data.train_labels[index][:, None, :].expand(
                         block.seed_count, block.variants, index.shape[1])
                     losses, logit_grad = member_losses(trace.logits, labels.flatten(0, 1),
@@ -429,8 +336,9 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
                 optimizers[b].freeze(newly)
                 diverged[b] |= newly
                 any_frozen[b] = True
-            result = evaluate(block, data.test_images, data.test_labels, first.activation,
-                              confusion=last)
+            images, labels, extents = test_set
+            result = evaluate(block, images, labels, first.activation, confusion=last,
+                              extents=extents)
             if last:
                 final_eval.append(result)
             _record_epoch(history, group, block, epoch, steps, loss_sums[b], norm_sums[b],

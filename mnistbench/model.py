@@ -24,25 +24,27 @@ pooling pair from the pair's four pixels (an inner dimension of 5). Without pool
 the inner dimension is 4 and the first Linear's rows are stored in the same
 even-then-odd order, which leaves the product unchanged.
 
+Without the front, the first Linear's inputs and rows follow the block's feature
+order, most often nonzero first (:mod:`mnistbench.features`). On the CPU the engine
+sorts each batch by where its examples' zeros start, and a training step multiplies the
+first layer in :class:`~mnistbench.features.Band` pieces that leave out the known
+zeros.
+
     block = Block(members_settings, seeds=[0, 1], device="cpu")
-    trace = block.forward(images_uint8)      # trace.logits (M, batch, 10)
+    trace = block.forward(block.inputs(images_uint8))   # trace.logits (M, batch, 10)
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from mnistbench.activations import ACTIVATIONS
+from mnistbench.features import IMAGE_PIXELS, Band, arrange_features
+from mnistbench.initialization import CONV_TAPS, init_member
 from mnistbench.matrix import Settings
-from mnistbench.seeds import generator
-
-IMAGE_PIXELS = 784
-NUM_CLASSES = 10
-CONV_TAPS = 3
 CONV_OUTPUTS = IMAGE_PIXELS - CONV_TAPS + 1  # 782, an even number: pooling pairs all of them
 POOLED_ROWS = 5  # the pooled front's inputs per pair: four pixels and a row of ones
 
@@ -52,106 +54,9 @@ STRUCTURE_FIELDS = ("activation", "conv", "pool", "width", "loss", "optimizer", 
                     "epochs", "train_subset", "precision")
 
 
-@dataclass(frozen=True)
-class Activation:
-    """An activation applied in place, and its derivative from the saved tensors.
-
-    ``backward(grad, output, input, out)`` writes the gradient with respect to the
-    input into ``out`` (a new tensor when None) and returns it. ``needs_input`` is
-    True when that derivative needs the input kept. A ``monotone`` activation
-    commutes with max-pooling, so the front pools first and activates half as many
-    values.
-    """
-
-    forward_: Callable[[torch.Tensor], torch.Tensor]
-    backward_kernel: Callable[..., torch.Tensor]
-    needs_input: bool = False
-    monotone: bool = True
-
-    def backward(self, grad: torch.Tensor, output: torch.Tensor, input: torch.Tensor | None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None:
-            out = torch.empty_like(grad)
-        return self.backward_kernel(grad, output, input, out)
-
-
-# The derivatives are PyTorch's own backward kernels, written into a given tensor.
-def _relu_backward(grad, output, _input, out):
-    return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=out)
-
-
-def _sigmoid_backward(grad, output, _input, out):
-    return torch.ops.aten.sigmoid_backward.grad_input(grad, output, grad_input=out)
-
-
-def _tanh_backward(grad, output, _input, out):
-    return torch.ops.aten.tanh_backward.grad_input(grad, output, grad_input=out)
-
-
-def _gelu_backward(grad, _output, input, out):
-    return torch.ops.aten.gelu_backward.grad_input(grad, input, grad_input=out)
-
-
-ACTIVATIONS = {
-    "relu": Activation(torch.relu_, _relu_backward),
-    "sigmoid": Activation(torch.sigmoid_, _sigmoid_backward),
-    "tanh": Activation(torch.tanh_, _tanh_backward),
-    "gelu": Activation(F.gelu, _gelu_backward, needs_input=True, monotone=False),
-}
-
-
 def structure_of(settings: Settings) -> tuple:
     """Return the part of the settings that decides whether runs can share a stack."""
     return tuple(getattr(settings, name) for name in STRUCTURE_FIELDS)
-
-
-def _init_tensor(shape: Sequence[int], fan_in: int, fan_out: int, scheme: str, *, bias: bool,
-                 gen: torch.Generator) -> torch.Tensor:
-    """Draw one parameter tensor on the CPU from ``gen`` following an init scheme."""
-    tensor = torch.empty(*shape)
-    default_bound = 1.0 / math.sqrt(fan_in)
-    if scheme in ("default", "uniform"):
-        # PyTorch's Linear and Conv1d draw weights from kaiming_uniform(a=sqrt(5)),
-        # which is U(+-1/sqrt(fan_in)), and biases from the same range; the manual
-        # uniform init is therefore the same distribution.
-        return tensor.uniform_(-default_bound, default_bound, generator=gen)
-    if bias:
-        return tensor.zero_()
-    if scheme == "xavier":
-        bound = math.sqrt(6.0 / (fan_in + fan_out))
-        return tensor.uniform_(-bound, bound, generator=gen)
-    if scheme == "kaiming":
-        return tensor.normal_(0.0, math.sqrt(2.0 / fan_in), generator=gen)
-    if scheme == "large_normal":
-        return tensor.normal_(0.0, 1.0, generator=gen)
-    raise ValueError(f"unknown init scheme {scheme!r}")
-
-
-def init_member(settings: Settings, seed: int) -> dict[str, torch.Tensor]:
-    """Draw one run's initial parameters from its seed's init stream.
-
-    Each run gets a fresh generator, so its weights do not depend on the runs it is
-    stacked with, and runs of one seed with the same shapes and scheme start equal.
-
-    Returns:
-        ``conv_weight`` (3,), ``conv_bias`` (1,) when the front is on, ``weight1``
-        (n, width), ``bias1`` (width,), ``weight2`` (width, 10), ``bias2`` (10,).
-    """
-    gen = generator(seed, "init")
-    scheme = settings.init
-    params = {}
-    if settings.conv:
-        params["conv_weight"] = _init_tensor((CONV_TAPS,), CONV_TAPS, CONV_TAPS, scheme,
-                                             bias=False, gen=gen)
-        params["conv_bias"] = _init_tensor((1,), CONV_TAPS, CONV_TAPS, scheme, bias=True, gen=gen)
-    n, width = settings.input_features(), settings.width
-    # Drawn in nn.Linear's (out, in) layout, then transposed to (in, out) for x @ W.
-    params["weight1"] = _init_tensor((width, n), n, width, scheme, bias=False, gen=gen).t()
-    params["bias1"] = _init_tensor((width,), n, width, scheme, bias=True, gen=gen)
-    params["weight2"] = _init_tensor((NUM_CLASSES, width), width, NUM_CLASSES, scheme,
-                                     bias=False, gen=gen).t()
-    params["bias2"] = _init_tensor((NUM_CLASSES,), width, NUM_CLASSES, scheme, bias=True, gen=gen)
-    return params
 
 
 # Conv output positions in the block's layout: the even ones, then the odd ones.
@@ -171,6 +76,8 @@ class Trace:
     - ``pool_gap``: (M, B, 391), each pair's odd value minus its even value.
     - ``first_input``: the first Linear's input, (S, B, n) shared by a seed's runs, or
       (M, B, n).
+    - ``bands``: per seed, the :class:`~mnistbench.features.Band` pieces that the first Linear multiplied,
+      or None when it multiplied everything.
     - ``pre``: (M, B, H) hidden pre-activation, kept only when needed.
     - ``hidden``, ``keep``, ``dropped``: its activation, the dropout scale (or None),
       and the hidden units after dropout.
@@ -182,6 +89,7 @@ class Trace:
     front_out: torch.Tensor | None
     pool_gap: torch.Tensor | None
     first_input: torch.Tensor
+    bands: list[tuple[Band, ...]] | None
     pre: torch.Tensor | None
     hidden: torch.Tensor
     keep: torch.Tensor | None
@@ -195,10 +103,13 @@ class Block:
     Member ``m = s * V + v`` is run ``v`` of seed ``seeds[s]``. Every seed has the same
     number of runs, so all seeds train in the same batched matmuls: the per-operation
     cost of the Python loop is paid once per step, not once per seed.
+
+    ``feature_order`` (from :func:`~mnistbench.features.feature_order`) orders the first Linear's inputs
+    when there is no convolution front; None keeps pixel order.
     """
 
     def __init__(self, settings: Sequence[Settings], seeds: Sequence[int],
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, feature_order: torch.Tensor | None = None) -> None:
         structures = {structure_of(s) for s in settings}
         assert len(structures) == 1, f"a block needs one structure; got {len(structures)}"
         assert len(settings) % len(seeds) == 0, (
@@ -222,6 +133,14 @@ class Block:
         self.parity_rows = self.conv and not self.pool
         drawn = [init_member(s, self.seeds[m // self.variants])
                  for m, s in enumerate(self.settings)]
+        self.feature_order = None
+        if feature_order is not None and not self.conv:
+            self.feature_order = feature_order.to(self.device)
+            for d in drawn:
+                d["weight1"] = d["weight1"][feature_order.cpu()]
+        # Skipping known zeros needs each batch's bands on the host, which a GPU would
+        # have to wait for; its matmuls are wide enough to multiply everything.
+        self.skips_zeros = not self.conv and self.device.type == "cpu"
         if self.parity_rows:
             for d in drawn:
                 d["weight1"] = d["weight1"][PARITY_ORDER]
@@ -259,6 +178,8 @@ class Block:
         if self.shared_weight1:
             s, v = divmod(m, self.variants)
             sliced["weight1"] = weight1[s, :, v * self.width:(v + 1) * self.width]
+            if self.feature_order is not None:
+                sliced["weight1"] = sliced["weight1"][torch.argsort(self.feature_order)]
         elif self.parity_rows:
             sliced["weight1"] = weight1[m][torch.argsort(PARITY_ORDER.to(weight1.device))]
         else:
@@ -365,14 +286,25 @@ class Block:
         taps[:, :, CONV_TAPS + 1:] = bias[:, None]
         return taps
 
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Arrange uint8 images ``(..., 784)`` as :meth:`forward` takes them: unchanged
+        with the convolution front, else pooled and ordered by :func:`~mnistbench.features.arrange_features`."""
+        if self.conv:
+            return images
+        return arrange_features(images, self.pool, self.feature_order)
+
     def forward(self, images: torch.Tensor, dropout_uniform: torch.Tensor | None = None,
-                *, for_backward: bool = True) -> Trace:
+                *, bands: list[tuple[Band, ...]] | None = None,
+                for_backward: bool = True) -> Trace:
         """Run the stacked model on each seed's batch and keep what backward needs.
 
         Args:
-            images: uint8 ``(S, B, 784)``, each seed's batch.
+            images: uint8 ``(S, B, 784)``, each seed's batch, arranged by :meth:`inputs`.
             dropout_uniform: uniform draws ``(S, B, H)``, one per seed (training only);
                 a run drops a unit where its seed's draw is below its probability.
+            bands: without the front, per seed, the :func:`~mnistbench.features.zero_skipping_bands` of its
+                batch, whose examples must be in ascending order of extent. None
+                multiplies everything.
             for_backward: whether :func:`~mnistbench.backprop.gradients` will use the
                 trace; evaluation skips what only the backward pass needs.
         """
@@ -406,9 +338,8 @@ class Block:
                 x = torch.mul(images[0], 1.0 / 255.0).expand(images.shape)
             else:
                 x = torch.mul(images, 1.0 / 255.0)
-            if self.pool:
-                x = torch.maximum(x[..., 0::2], x[..., 1::2])  # (S, B, 392)
-        pre = self._hidden_preactivation(x)
+        bands = None if self.conv else bands
+        pre = self._hidden_preactivation(x, bands)
         hidden = act.forward_(pre)  # in place, unless the derivative needs the input
         keep = None
         if dropout_uniform is not None and self.uses_dropout:
@@ -422,16 +353,26 @@ class Block:
         # (W2^T @ h^T)^T: with 10 output rows the matmul runs about 3x faster than h @ W2.
         logits = self.matmul(self.params["weight2"].transpose(1, 2), dropped.transpose(1, 2))
         logits = logits.transpose(1, 2).add_(self.params["bias2"][:, None])
-        return Trace(rows, front_in, front_out, gap, x,
+        return Trace(rows, front_in, front_out, gap, x, bands,
                      pre if act.needs_input else None, hidden, keep, dropped, logits)
 
-    def _hidden_preactivation(self, first_input: torch.Tensor) -> torch.Tensor:
+    def _hidden_preactivation(self, first_input: torch.Tensor,
+                              bands: list[tuple[Band, ...]] | None) -> torch.Tensor:
         """First Linear layer: returns ``(M, B, H)``."""
-        bias = self.params["bias1"]
+        bias, weight = self.params["bias1"], self.params["weight1"]
         if self.conv:
-            return self.matmul(first_input, self.params["weight1"]).add_(bias[:, None, :])
+            return self.matmul(first_input, weight).add_(bias[:, None, :])
         batch = first_input.shape[1]
-        wide = self.matmul(first_input, self.params["weight1"])  # (S, B, V * H)
+        if bands is None:
+            wide = self.matmul(first_input, weight)  # (S, B, V * H)
+        else:
+            wide = torch.empty(self.seed_count, batch, weight.shape[2], device=self.device)
+            for s, seed_bands in enumerate(bands):
+                x, w, out = first_input[s], weight[s], wide[s]
+                whole, *rest = seed_bands
+                torch.mm(x[:, :whole.stop], w[:whole.stop], out=out)
+                for first, start, stop in rest:
+                    out[first:].addmm_(x[first:, start:stop], w[start:stop])
         wide = wide.view(self.seed_count, batch, self.variants, self.width).transpose(1, 2)
         out = torch.empty(self.seed_count, self.variants, batch, self.width, device=self.device)
         torch.add(wide, bias.view(self.seed_count, self.variants, 1, self.width), out=out)

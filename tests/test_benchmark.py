@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
 
-from mnistbench.benchmark import BENCH_CELLS, Gang, model_epoch_flops
+import pytest
+import torch
+
+from mnistbench.benchmark import BENCH_CELLS, Gang, model_epoch_flops, multiplied_shares
+from mnistbench.engine import DeviceData
 
 
 def test_mlp_model_epoch_flops() -> None:
@@ -12,6 +16,31 @@ def test_mlp_model_epoch_flops() -> None:
     flops = model_epoch_flops(BENCH_CELLS["mlp"], test_size=0)
     per_example = 2 * (784 * 100 + 100 * 10) + 2 * 784 * 100 + 2 * 2 * 100 * 10
     assert flops == 60_000 * per_example
+
+
+def test_model_epoch_flops_count_only_the_multiplied_share_of_the_first_layer() -> None:
+    settings = BENCH_CELLS["mlp"]
+    first = 2 * 784 * 100
+    dense = model_epoch_flops(settings, train_size=10, test_size=4)
+    half = model_epoch_flops(settings, train_size=10, test_size=4, shares=(0.5, 0.25))
+    assert dense - half == 10 * 2 * first * 0.5 + 4 * first * 0.75
+
+
+def test_multiplied_shares_replay_the_bands() -> None:
+    """Training images lit on their first 100 pixels; test images on 100 or 200."""
+    train = torch.zeros(8, 784, dtype=torch.uint8)
+    train[:, :100] = 1
+    test = train.clone()
+    test[1::2, :200] = 1
+    labels = torch.zeros(8, dtype=torch.long)
+    data = DeviceData(train, labels, test, labels, "synthetic")
+    settings = replace(BENCH_CELLS["mlp"], batch_size=4, epochs=2)
+    train_share, test_share = multiplied_shares(settings, data, range(3))
+    assert train_share == pytest.approx(100 / 784)  # every batch: one band (0, 0, 100)
+    # One slab of 8: bands (0, 0, 100) and (4, 100, 200), whose first row is aligned
+    # down to 0, a multiple of the evaluation's tile of 64.
+    assert test_share == pytest.approx((8 * 100 + 8 * 100) / (8 * 784))
+    assert multiplied_shares(replace(settings, conv=True), data, range(1)) == (1.0, 1.0)
 
 
 @pytest.mark.mnist

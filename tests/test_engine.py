@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mnistbench import evaluation, features
 from mnistbench import model as model_module
 from mnistbench.engine import DeviceData, Member, _grad_norms, train_stack
 from mnistbench.matrix import Criteria, Settings
@@ -43,6 +44,28 @@ def band_dataset(train_size: int = 1024, test_size: int = 500, *, train_label: i
     return DeviceData(train_images, train_labels, test_images, test_labels, "synthetic")
 
 
+def ragged_dataset(train_size: int = 256, test_size: int = 100) -> DeviceData:
+    """Images lit only up to a length drawn per example, mostly short, and dark after it.
+
+    Class k lights pixels 20k..20k+19 more brightly. In a small batch the last lit
+    pixel varies a lot, so the engine's first-layer bands vary too.
+    """
+    generator = torch.Generator().manual_seed(1)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 120, (n, 784), generator=generator)
+        for k in range(10):
+            images[labels == k, 20 * k:20 * k + 20] += 130
+        lengths = 200 + (584 * torch.rand(n, generator=generator) ** 6).long()
+        images[torch.arange(784) >= lengths[:, None]] = 0
+        return images.to(torch.uint8), labels
+
+    train_images, train_labels = make(train_size)
+    test_images, test_labels = make(test_size)
+    return DeviceData(train_images, train_labels, test_images, test_labels, "synthetic")
+
+
 def members_for(variants: list[Settings], seeds: list[int]) -> list[Member]:
     return [Member(f"run{i}-{s}", s, settings)
             for i, settings in enumerate(variants) for s in seeds]
@@ -63,7 +86,25 @@ BASE = Settings(activation="sigmoid", width=32, epochs=2, batch_size=32, lr=0.5)
                  id="conv-tanh-decay"),
 ])
 def test_stacked_run_equals_run_alone(base: Settings) -> None:
-    data = band_dataset()
+    assert_stack_equals_alone(base, band_dataset())
+
+
+@pytest.mark.parametrize("base", [
+    pytest.param(replace(BASE, batch_size=8), id="mlp"),
+    pytest.param(replace(BASE, batch_size=8, pool=True, activation="relu"), id="pool-relu"),
+])
+def test_stacked_run_equals_run_alone_when_batches_skip_zeros(base: Settings) -> None:
+    """The first layer's bands differ per batch; stacking still changes nothing."""
+    data = ragged_dataset()
+    extent = data.first_layer_inputs(base.pool).extent
+    features = base.input_features()
+    order = torch.randperm(256, generator=generator(0, "data"))
+    in_use = [int(extent[order[i:i + 8]].max()) for i in range(0, 256, 8)]
+    assert min(in_use) < 0.75 * features and max(in_use) > 0.9 * features
+    assert_stack_equals_alone(base, data)
+
+
+def assert_stack_equals_alone(base: Settings, data: DeviceData) -> None:
     variants = [
         base,
         replace(base, init="xavier"),
@@ -191,7 +232,7 @@ def test_stacked_model_matches_torch_modules() -> None:
     settings = replace(BASE, conv=True, pool=True, activation="tanh", width=16)
     block = model_module.Block([settings, replace(settings, init="xavier")], [0], "cpu")
     images = band_dataset(train_size=10, test_size=10).test_images
-    logits = block.forward(images[None]).logits
+    logits = block.forward(block.inputs(images)[None]).logits
     for v in range(2):
         params = block.member_weights(v)
         conv = torch.nn.Conv1d(1, 1, 3)
@@ -275,12 +316,24 @@ def test_written_out_gradients_equal_autograd(activation: str, front: str, loss:
                        conv="conv" in front, pool="pool" in front)
     variants = [settings, replace(settings, init="kaiming", dropout=0.5),
                 replace(settings, init="xavier", dropout=0.2)]
-    block = model_module.Block(variants * 2, [0, 1], "cpu")
-    data = band_dataset(train_size=16, test_size=10)
+    # Without the front, the block orders its features and skips each batch's zero rows.
+    data = band_dataset(train_size=16, test_size=10) if settings.conv else ragged_dataset()
+    order = None if settings.conv else data.first_layer_inputs(settings.pool).order
+    block = model_module.Block(variants * 2, [0, 1], "cpu", order)
     images = torch.stack([data.train_images[:16], data.train_images.flip(0)[:16]])  # (S, B, 784)
     labels = torch.stack([data.train_labels[:16], data.train_labels.flip(0)[:16]])
     uniform = torch.rand(2, 16, 12, generator=torch.Generator().manual_seed(0))
-    trace = block.forward(images, uniform)
+    inputs = block.inputs(images)
+    bands = None
+    if not settings.conv:
+        extents, by_extent = features.nonzero_extent(inputs.flatten(0, 1)).view(2, 16).sort()
+        images = images.gather(1, by_extent[..., None].expand(images.shape))
+        labels = labels.gather(1, by_extent)
+        inputs = block.inputs(images)
+        bands = [features.zero_skipping_bands(e) for e in extents.tolist()]
+        assert [len(b) for b in bands] == [3, 3]
+        assert max(b[-1].stop for b in bands) < settings.input_features()
+    trace = block.forward(inputs, uniform, bands=bands)
     member_labels = labels[:, None].expand(2, 3, 16).flatten(0, 1)
     losses, logit_grad = member_losses(trace.logits, member_labels, loss, with_grad=True)
     grads = gradients(block, trace, logit_grad)
@@ -306,12 +359,19 @@ def test_written_out_gradients_equal_autograd(activation: str, front: str, loss:
     pytest.param({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}, id="momentum-decay"),
     pytest.param({"lr": 0.01, "optimizer": "adam"}, id="adam"),
 ])
-@pytest.mark.parametrize("front", ["mlp", "conv-pool"])
+@pytest.mark.parametrize("front", ["mlp", "mlp-ragged", "conv-pool"])
 def test_training_matches_torch_optim(optimizer: dict, front: str) -> None:
-    """A run trained by the engine equals the same run trained with torch.optim and autograd."""
+    """A run trained by the engine equals the same run trained with torch.optim and autograd.
+
+    On ragged images the engine leaves out many of the first layer's zero terms.
+    """
     settings = replace(BASE, epochs=1, conv=front == "conv-pool", pool=front == "conv-pool",
                        **optimizer)
-    data = band_dataset(train_size=256, test_size=200)
+    if front == "mlp-ragged":
+        settings = replace(settings, batch_size=8)
+        data = ragged_dataset(train_size=256, test_size=200)
+    else:
+        data = band_dataset(train_size=256, test_size=200)
     result, = train_stack([Member("k", 4, settings)], data, Criteria(), PROVENANCE)
 
     params = {name: tensor.clone().requires_grad_(True)
@@ -357,6 +417,29 @@ def test_factored_grad_norm_is_exact() -> None:
     assert bool((written_out > 0).all())
 
 
+def test_factored_grad_norm_is_exact_with_zeros_skipped() -> None:
+    settings = replace(BASE, activation="relu", width=8, batch_size=8)
+    data = ragged_dataset()
+    arranged = data.first_layer_inputs(False)
+    block = model_module.Block([settings, replace(settings, init="kaiming")] * 2, [0, 1], "cpu",
+                               arranged.order)
+    extents, by_extent = arranged.extent[:16].view(2, 8).sort()
+    index = (torch.arange(16).view(2, 8)).gather(1, by_extent)
+    images = arranged.train[index]
+    bands = [features.zero_skipping_bands(e) for e in extents.tolist()]
+    assert max(b[-1].stop for b in bands) < 784
+    labels = data.train_labels[index][:, None].expand(2, 2, 8).flatten(0, 1)
+    trace = block.forward(images, bands=bands)
+    _, logit_grad = member_losses(trace.logits, labels, "cross_entropy", with_grad=True)
+    grads = gradients(block, trace, logit_grad)
+    from_factors = _grad_norms(block, grads)
+    grads.materialize(block)
+    assert grads.factors is None
+    written_out = _grad_norms(block, grads)
+    torch.testing.assert_close(from_factors, written_out, rtol=1e-5, atol=1e-6)
+    assert bool((written_out > 0).all())
+
+
 def test_dropout_mask_and_scale() -> None:
     """A unit is kept where its draw reaches the run's probability, scaled by 1 / (1 - p)."""
     settings = replace(BASE, width=4)
@@ -369,3 +452,85 @@ def test_dropout_mask_and_scale() -> None:
                              [[0.0, 4 / 3, 4 / 3, 4 / 3]],
                              [[0.0, 0.0, 2.0, 2.0]]])
     torch.testing.assert_close(keep, expected)
+
+
+def test_feature_order_sorts_by_nonzero_count_and_keeps_pixel_order_on_ties() -> None:
+    images = torch.zeros(4, 784, dtype=torch.uint8)
+    images[:, 500] = 9  # nonzero in all four images
+    images[:3, 7] = 1  # in three
+    images[:2, 300] = 255  # in two
+    images[0, 2] = images[0, 1] = 4  # in one each: a tie
+    order = features.feature_order(images, pool=False)
+    assert order[:5].tolist() == [500, 7, 300, 1, 2]
+    assert sorted(order.tolist()) == list(range(784))  # a permutation
+    arranged = features.arrange_features(images, False, order)
+    assert arranged[:, :5].tolist() == [[9, 1, 255, 4, 4], [9, 1, 255, 0, 0],
+                                        [9, 1, 0, 0, 0], [9, 0, 0, 0, 0]]
+    assert features.nonzero_extent(arranged).tolist() == [5, 3, 2, 1]
+    assert features.nonzero_extent(torch.zeros(1, 784, dtype=torch.uint8)).tolist() == [0]
+
+
+def test_pooled_features_equal_max_pooling_the_scaled_pixels() -> None:
+    images = torch.randint(0, 256, (5, 784), generator=torch.Generator().manual_seed(3))
+    images = images.to(torch.uint8)
+    pooled = features.arrange_features(images, True, None)
+    scaled = torch.mul(images, 1.0 / 255.0)  # as the engine scales
+    expected = torch.nn.functional.max_pool1d(scaled[:, None], 2).squeeze(1)
+    assert pooled.shape == (5, 392)
+    assert torch.equal(pooled * (1.0 / 255.0), expected)
+    order = features.feature_order(images, pool=True)
+    assert torch.equal(features.arrange_features(images, True, order), pooled[:, order])
+
+
+@pytest.mark.parametrize(("extents", "expected"), [
+    ([1, 2, 3, 4, 5, 6, 7, 8], [(0, 0, 6), (6, 6, 7), (7, 7, 8)]),
+    ([5, 5, 5, 5, 5, 5, 5, 5], [(0, 0, 5)]),
+    ([0, 0, 0, 0, 0, 0, 0, 0], [(0, 0, 0)]),
+    ([0, 0, 0, 0, 0, 0, 0, 9], [(0, 0, 0), (7, 0, 9)]),
+    ([3, 3, 3, 3, 3, 3, 9, 9], [(0, 0, 3), (6, 3, 9)]),
+    ([4], [(0, 0, 4)]),
+])
+def test_zero_skipping_bands_cover_every_nonzero_term(extents: list[int],
+                                                      expected: list[tuple]) -> None:
+    bands = features.zero_skipping_bands(extents)
+    assert [tuple(band) for band in bands] == expected
+    for example, extent in enumerate(extents):  # every nonzero column is in exactly one band
+        covered = [c for first, start, stop in bands if example >= first
+                   for c in range(start, stop)]
+        assert covered[:extent] == list(range(extent))
+
+
+@pytest.mark.parametrize("front", ["mlp", "pool", "conv-pool"])
+def test_evaluation_does_not_depend_on_chunks(front: str, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """Smaller chunks, as a bigger stack gets, change no logit; skipping zeros neither."""
+    settings = replace(BASE, activation="relu", width=16, conv=front == "conv-pool",
+                       pool="pool" in front)
+    data = ragged_dataset(test_size=300)
+    arranged = None if settings.conv else data.first_layer_inputs(settings.pool)
+    block = model_module.Block([settings, replace(settings, init="kaiming")] * 2, [0, 1], "cpu",
+                               None if arranged is None else arranged.order)
+    images, labels, extents = ((data.test_images, data.test_labels, None) if arranged is None
+                               else (arranged.test, arranged.test_labels, arranged.test_extent))
+    monkeypatch.setattr(evaluation, "SLAB", 128)  # three slabs: 128, 128 and 44 examples
+
+    def logits(chunk_examples: int, extents: torch.Tensor | None) -> torch.Tensor:
+        per_example = block.members * (784 if settings.conv else 16)
+        monkeypatch.setattr(evaluation, "EVAL_ELEMENTS", chunk_examples * per_example)
+        pieces = []
+        for x, _, bands in evaluation._chunks(block, images, labels, extents,
+                                              evaluation._chunk_size(block)):
+            assert x.shape[0] <= chunk_examples
+            pieces.append(block.forward(x.expand(2, *x.shape), bands=bands,
+                                        for_backward=False).logits)
+        return torch.cat(pieces, dim=1)
+
+    whole = logits(1000, extents)
+    for chunk_examples in (64, 100, 200):  # 100 and 200 round down to 64 and 192
+        assert torch.equal(logits(chunk_examples, extents), whole), chunk_examples  # bit for bit
+    if extents is not None:
+        torch.testing.assert_close(logits(1000, None), whole, rtol=1e-5, atol=1e-5)
+    results = evaluation.evaluate(block, images, labels, "relu", confusion=True, extents=extents)
+    assert int(results["confusion"].sum()) == block.members * 300
+    assert results["accuracy"].tolist() == [
+        (whole[m].argmax(dim=1) == labels).double().mean().item() for m in range(4)]

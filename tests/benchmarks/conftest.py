@@ -31,6 +31,11 @@ def pytest_terminal_summary(terminalreporter) -> None:
         if "floor_s" in entry:
             line += (f", FLOP floor {entry['floor_s']:.3f} s "
                      f"(engine/floor {entry['engine_vs_floor']:.2f}x)")
+            train_share, _ = entry.get("first_layer_shares", (1.0, 1.0))
+            if train_share < 1.0:
+                line += (f"; counting only the multiplied terms ({train_share:.0%} of the "
+                         f"first layer's in training) {entry['multiplied_floor_s']:.3f} s "
+                         f"({entry['engine_vs_multiplied_floor']:.2f}x)")
         if "loop_s" in entry:
             line += (f", plain loop {entry['loop_s']:.3f} s "
                      f"(loop/engine {entry['loop_vs_engine']:.2f}x)")

@@ -1,0 +1,118 @@
+"""Optimizers written out for a stack of runs: SGD with momentum and weight decay, and Adam.
+
+    optimizer = Optimizer(block, "sgd")    # learning rate, momentum, decay per member
+    optimizer.step(gradients)              # from mnistbench.backprop.gradients
+    optimizer.freeze(members)              # zero and stop the given members
+
+Every hyperparameter may differ per run, so each is a tensor broadcast against the
+block's parameter layout. They follow ``torch.optim.SGD`` and ``torch.optim.Adam``
+with PyTorch's defaults, and a test trains the same run both ways.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mnistbench.backprop import Gradients
+from mnistbench.features import Band
+from mnistbench.model import Block
+
+ADAM_BETAS = (0.9, 0.999)  # PyTorch's defaults
+ADAM_EPS = 1e-8  # PyTorch's default
+
+
+class Optimizer:
+    """SGD (with momentum) or Adam over a block's parameters, hyperparameters per member."""
+
+    def __init__(self, block: Block, kind: str) -> None:
+        self.block = block
+        self.kind = kind
+        device = block.device
+        self.lr = torch.tensor([s.lr for s in block.settings], device=device)
+        momentum = torch.tensor([s.momentum for s in block.settings], device=device)
+        decay = torch.tensor([s.weight_decay for s in block.settings], device=device)
+        self.use_decay = bool((decay > 0).any())
+        self.use_momentum = kind == "sgd" and bool((momentum > 0).any())
+        self.step_count = 0
+        self.state = {}
+        for name, param in block.params.items():
+            entry = {"decay": block.broadcast(name, decay)}
+            if self.use_momentum:
+                entry["momentum"] = block.broadcast(name, momentum)
+                entry["buffer"] = torch.zeros_like(param)
+            if kind == "adam":
+                entry["m"] = torch.zeros_like(param)
+                entry["v"] = torch.zeros_like(param)
+            self.state[name] = entry
+        self.refresh_lr()
+
+    def refresh_lr(self) -> None:
+        for name, entry in self.state.items():
+            entry["lr"] = self.block.broadcast(name, self.lr)
+
+    @torch.no_grad()
+    def step(self, gradients: Gradients) -> None:
+        """Update every parameter from its gradient, or ``weight1`` from its factors."""
+        self.step_count += 1
+        for name, param in self.block.params.items():
+            entry = self.state[name]
+            if name not in gradients.params:
+                self._step_factored(param, entry, *gradients.factors, gradients.bands)
+                continue
+            grad = gradients.params[name]
+            if self.use_decay:
+                grad = grad + entry["decay"] * param
+            if self.kind == "sgd":
+                if self.use_momentum:
+                    grad = entry["buffer"].mul_(entry["momentum"]).add_(grad)
+                param.addcmul_(entry["lr"], grad, value=-1.0)
+                continue
+            beta1, beta2 = ADAM_BETAS
+            entry["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
+            entry["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            m_hat = entry["m"] / (1 - beta1**self.step_count)
+            v_hat = entry["v"] / (1 - beta2**self.step_count)
+            param.addcdiv_(entry["lr"] * m_hat, v_hat.sqrt_().add_(ADAM_EPS), value=-1.0)
+
+    def _step_factored(self, param: torch.Tensor, entry: dict, a: torch.Tensor,
+                       b: torch.Tensor, bands: list[tuple[Band, ...]] | None) -> None:
+        """SGD on a weight whose gradient is ``a @ b``, accumulated inside the matmul.
+
+        The learning rate scales ``b``'s columns (or batches) per member, so the
+        update needs no pass over the weights beyond the matmul's own. With
+        ``bands``, the product skips the terms where ``a`` is known to be zero.
+        """
+        assert self.kind == "sgd", "Adam needs the gradient written out"
+        if self.use_momentum:
+            buffer = entry["buffer"].mul_(entry["momentum"])
+            if self.use_decay:
+                buffer.addcmul_(entry["decay"], param)
+            _add_product(buffer, a, b, 1.0, bands)
+            param.addcmul_(entry["lr"], buffer, value=-1.0)
+            return
+        if self.use_decay:
+            param.mul_(1.0 - entry["lr"] * entry["decay"])
+        _add_product(param, a, b * entry["lr"], -1.0, bands)
+
+    @torch.no_grad()
+    def freeze(self, members: torch.Tensor) -> None:
+        """Zero the weights and state of the given members and stop their updates."""
+        self.lr[members] = 0.0
+        self.refresh_lr()
+        for name, param in self.block.params.items():
+            self.block.zero_members(name, param, members)
+            for key in ("buffer", "m", "v"):
+                if key in self.state[name]:
+                    self.block.zero_members(name, self.state[name][key], members)
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
+                 bands: list[tuple[Band, ...]] | None) -> None:
+    """``out += alpha * a @ b`` (batched), in place, skipping the terms where ``a`` is
+    zero outside its seed's bands; rows of ``out`` past the last band stay as they are."""
+    if bands is None:
+        out.baddbmm_(a, b, alpha=alpha)
+        return
+    for s, seed_bands in enumerate(bands):
+        for first, start, stop in seed_bands:
+            out[s, start:stop].addmm_(a[s, start:stop, first:], b[s, first:], alpha=alpha)
