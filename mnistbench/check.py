@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 PASS, FAIL, NOISE, NO_BASELINE = "PASS", "FAIL", "NOISE", "NO-BASELINE"
 STATUSES = (PASS, FAIL, NOISE, NO_BASELINE)
 CONFIDENCE = f"{DEFAULT_CONFIDENCE:.0%}"
+UNFINISHED_SHOWN = 5  # cells named in the error about cells without finished runs
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,12 @@ def run_check(store_path: Path, thresholds_path: Path, *, baseline_path: Path | 
         logger.warning("ablation %s has %d of %d runs finished; checking the finished ones",
                        name, finished, members)
     if unfinished:
+        shown = ", ".join(unfinished[:UNFINISHED_SHOWN])
+        if len(unfinished) > UNFINISHED_SHOWN:
+            shown += f" and {len(unfinished) - UNFINISHED_SHOWN} more"
         raise CheckInputError(
             f"store {store_path}: {len(unfinished)} cells of ablation '{name}' have no "
-            f"finished runs: {', '.join(unfinished)}; run 'mnistbench ablate' on the matrix "
+            f"finished runs: {shown}; run 'mnistbench ablate' on the matrix "
             f"until it completes, then check again"
         )
 

@@ -302,7 +302,7 @@ def provenance(analysis: Analysis) -> list[tuple[str, str]]:
         ("ablation", f"{analysis.name} (dataset {analysis.ablation['dataset']}, saved "
                      f"{analysis.ablation['updated_at']})"),
         ("runs by outcome", counts),
-        ("total train time", f"{seconds / 3600:.2f} h ({seconds:.0f} s)"),
+        ("train time, summed over workers", f"{seconds / 3600:.2f} h ({seconds:.0f} s)"),
         ("mnistbench versions of the runs", distinct("package_version")),
         ("torch versions of the runs", distinct("torch_version")),
         ("devices", distinct("device")),

@@ -267,6 +267,17 @@ def test_cells_without_runs_rejected(tmp_path: Path, thresholds: Path) -> None:
         run_check(store, thresholds)
 
 
+def test_many_cells_without_runs_are_named_up_to_five(tmp_path: Path,
+                                                      thresholds: Path) -> None:
+    matrix = {"name": "t", "seeds": 2, "factors": {"activation": ["relu", "sigmoid", "tanh"],
+                                                    "width": [8, 16, 32, 64]}}
+    store = make_store(tmp_path / "s.sqlite", lambda cell, seed: None, matrix)
+    with pytest.raises(CheckInputError, match=r"12 cells of ablation 't' have no finished "
+                       r"runs: (activation=\w+,width=\d+, ){4}activation=\w+,width=\d+ and 7 "
+                       r"more; run 'mnistbench ablate'"):
+        run_check(store, thresholds)
+
+
 def test_missing_store_rejected(tmp_path: Path, thresholds: Path) -> None:
     with pytest.raises(StoreError, match=r"store not found: .*nothing\.sqlite"):
         run_check(tmp_path / "nothing.sqlite", thresholds)

@@ -390,6 +390,19 @@ def test_report_out_that_is_a_file_exits_2(tmp_path: Path, capsys: pytest.Captur
                      capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("out", ["", "  "])
+def test_report_rejects_an_empty_out(tmp_path: Path, out: str,
+                                     capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "s.sqlite"), "--out", out])
+    assert exit_info.value.code == 2
+    assert re.search(r"argument --out: is empty; give an output directory, such as "
+                     r"reports/default", capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("obstacle, message", [
     pytest.param("report.html", r"report\.html is a directory", id="html-is-directory"),
     pytest.param("figures", r"figures is a file, not a directory", id="figures-is-file"),

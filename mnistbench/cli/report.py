@@ -23,12 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Analyse one ablation of a store and write DIR/report.html (one "
                     "self-contained file), DIR/report.md and its PNG figures in DIR/figures.")
     parser.add_argument("store", type=Path, metavar="STORE", help="store file written by ablate")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+    parser.add_argument("--out", type=_directory, required=True, metavar="DIR",
                         help="output directory, created when missing; existing report files "
                              "in it are replaced")
     parser.add_argument("--ablation", metavar="NAME",
                         help="ablation to report on (default: the store's only ablation)")
     parser.set_defaults(func=run_report_command)
+
+
+def _directory(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "is empty; give an output directory, such as reports/default")
+    return Path(text)
 
 
 def run_report_command(args: argparse.Namespace) -> int:
