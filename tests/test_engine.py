@@ -534,3 +534,28 @@ def test_evaluation_does_not_depend_on_chunks(front: str, monkeypatch: pytest.Mo
     assert int(results["confusion"].sum()) == block.members * 300
     assert results["accuracy"].tolist() == [
         (whole[m].argmax(dim=1) == labels).double().mean().item() for m in range(4)]
+
+
+def test_dense_first_layer_matches_the_zero_skipping_one(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """A GPU multiplies every term; forced on the CPU, that path trains the same runs.
+
+    The runs have no dropout: the GPU path does not sort a batch, so its dropout masks
+    would fall on other examples.
+    """
+    settings = replace(BASE, batch_size=8, epochs=1, momentum=0.5)
+    members = members_for([settings, replace(settings, init="kaiming")], seeds=[0, 1])
+    data = ragged_dataset()
+    skipping = train_stack(members, data, Criteria(), PROVENANCE)
+    real_init = model_module.Block.__init__
+
+    def dense_init(self, *args, **kwargs) -> None:
+        real_init(self, *args, **kwargs)
+        self.skips_zeros = False
+
+    monkeypatch.setattr(model_module.Block, "__init__", dense_init)
+    dense = train_stack(members, data, Criteria(), PROVENANCE)
+    for a, b in zip(skipping, dense):
+        assert a.final_train_loss != b.final_train_loss  # other float sums, so other bits
+        assert a.final_train_loss == pytest.approx(b.final_train_loss, rel=1e-4)
+        assert a.final_accuracy == pytest.approx(b.final_accuracy, abs=0.02)
