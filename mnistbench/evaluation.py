@@ -18,7 +18,7 @@ from mnistbench.model import Block
 
 # Evaluation processes the test set in chunks of at most this many activations per
 # layer (members x examples x features), 16 MB of float32. This bounds memory for big
-# stacks; it also evaluated about 10% faster than 64 MB chunks, which malloc maps afresh.
+# stacks, and it evaluated about 10% faster than 64 MB chunks, which malloc maps afresh.
 EVAL_ELEMENTS = 4_000_000
 SATURATION_MARGIN = 0.01  # sigmoid/tanh outputs this close to a bound count as saturated
 # Chunks start at multiples of this many examples. MKL's result for an example can

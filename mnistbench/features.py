@@ -5,11 +5,11 @@
     extents = nonzero_extent(inputs)                    # where each example's zeros start
     bands = zero_skipping_bands(sorted(batch_extents))  # the pieces worth multiplying
 
-Sorted this way, an MNIST digit is zero from about its 415th feature on, and a batch of
-128 from about its 634th. With a batch sorted by extent, the first layer's product and
-weight update are computed in a few :class:`Band` pieces that leave most known zeros
-out: about 38% of the terms on MNIST. The skipped terms are exact zeros, and the bands
-depend only on the batch itself.
+In this order, the median MNIST digit is zero from its 415th feature on, and a batch
+of 128 on average from its 634th. With a batch sorted by extent, the first layer's
+product and weight update run in a few :class:`Band` pieces that leave most known
+zeros out: 38% of the terms of MNIST's training batches. The skipped terms are exact
+zeros, and the bands depend only on the batch itself.
 """
 
 from __future__ import annotations
