@@ -29,9 +29,9 @@ import torch
 
 from mnistbench.backprop import Gradients, gradients, member_losses
 from mnistbench.data import Dataset
+from mnistbench.errors import DataError
 from mnistbench.evaluation import evaluate
-from mnistbench.features import (IMAGE_PIXELS, arrange_features, feature_order, nonzero_extent,
-                                 zero_skipping_bands)
+from mnistbench.features import arrange_features, feature_order, nonzero_extent, zero_skipping_bands
 from mnistbench.matrix import Criteria, Settings
 from mnistbench.model import Block, structure_of
 from mnistbench.optimizers import Optimizer
@@ -92,11 +92,21 @@ class DeviceData:
         def flat(images: torch.Tensor) -> torch.Tensor:
             return images.reshape(images.shape[0], -1).contiguous().to(device)
 
-        if dataset.train_images[0].numel() != IMAGE_PIXELS:
-            raise ValueError(
-                f"dataset {dataset.name} has images of shape "
-                f"{tuple(dataset.train_images.shape[1:])}; the model family expects 28x28"
+        """Move a dataset to ``device``, flattening its images.
+
+        Raises:
+            DataError: the images are not 28x28, or a split has no examples.
+        """
+        if tuple(dataset.train_images.shape[1:]) != (28, 28):
+            height, width = dataset.train_images.shape[1:]
+            raise DataError(
+                f"dataset {dataset.name} has images of {height}x{width} pixels; the model "
+                f"family takes 28x28 images, as in MNIST"
             )
+        for split, labels in (("training", dataset.train_labels), ("test", dataset.test_labels)):
+            if len(labels) == 0:
+                raise DataError(f"dataset {dataset.name} has no {split} examples; expected at "
+                                f"least one")
         return cls(flat(dataset.train_images), dataset.train_labels.to(device),
                    flat(dataset.test_images), dataset.test_labels.to(device), dataset.md5)
 

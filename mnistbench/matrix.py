@@ -149,6 +149,9 @@ def load_matrix(path: str | Path) -> Matrix:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MatrixError(f"matrix file not found: {path}; ablations/default.yaml is an "
+                          f"example") from None
     except (OSError, UnicodeDecodeError) as error:
         raise MatrixError(f"cannot read matrix file {path}: {error}") from None
     data = load_yaml(text, str(path))
@@ -196,6 +199,11 @@ def parse_matrix(data: Mapping, *, source: str | None = None, text: str = "") ->
         text=text,
         bundles=MappingProxyType(bundles),
     )
+    for setting in data.get("train") or {}:  # the settings the file gives, not defaults
+        if setting in matrix.factors and setting not in matrix.bundles:
+            logger.warning("%s: train.%s %s is not used, because factor %r sets %s in every "
+                           "cell", checker.label, setting, data["train"][setting], setting,
+                           setting)
     _check_cells(matrix, checker)
     return matrix
 

@@ -273,9 +273,10 @@ def prepare(matrix: Matrix, store: Store | None, *, device: torch.device, worker
     """
     dataset = load_dataset(matrix.dataset, data_dir)
     _check_train_subsets(matrix, len(dataset.train_labels))
+    data = DeviceData.from_dataset(dataset, device if cluster is None else "cpu")
     plan = plan_runs(matrix, store, dataset_md5=dataset.md5, device=device, workers=workers,
                      max_stack=max_stack, shard=shard, cluster=cluster)
-    return plan, DeviceData.from_dataset(dataset, device if cluster is None else "cpu")
+    return plan, data
 
 
 def run_ablation(matrix: Matrix, store_path: str | Path, *, device: str | None = None,

@@ -99,6 +99,9 @@ def load_thresholds(path: Path) -> Thresholds:
     """
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckInputError(f"thresholds file not found: {path}; ablations/thresholds.yaml "
+                              f"is an example") from None
     except (OSError, UnicodeDecodeError) as error:
         raise CheckInputError(f"cannot read thresholds file {path}: {error}") from None
     try:

@@ -283,6 +283,12 @@ def test_missing_store_rejected(tmp_path: Path, thresholds: Path) -> None:
         run_check(tmp_path / "nothing.sqlite", thresholds)
 
 
+def test_missing_thresholds_file_rejected(good_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckInputError, match=r"^thresholds file not found: .*absent\.yaml; "
+                                              r"ablations/thresholds\.yaml is an example$"):
+        run_check(good_store, tmp_path / "absent.yaml")
+
+
 def test_unknown_ablation_rejected(good_store: Path, tmp_path: Path) -> None:
     path = write(tmp_path / "t.yaml", "ablation: smoke\n" + THRESHOLDS)
     with pytest.raises(StoreError, match=r"ablation 'smoke' not found in store .*; stored "

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from mnistbench import idx
 from mnistbench.cli import Terminated, main, raise_terminated
 from mnistbench.cli import matrix as cli_matrix
 
@@ -71,6 +73,35 @@ def test_train_subset_beyond_directory_dataset_exits_2(tiny_dataset, tmp_path: P
     err = capsys.readouterr().err
     assert (f"error: {matrix}: cell 'activation=relu': train_subset 200 is larger than the 6 training "
             f"examples of dataset {tiny_dataset.directory}; expected at most 6") in err
+    assert not store.exists()
+
+
+@pytest.mark.parametrize(("test_count", "message"), [
+    (4, r"has images of 4x3 pixels; the model family takes 28x28 images, as in MNIST"),
+    (0, r"has no test examples; expected at least one"),
+])
+def test_untrainable_directory_dataset_exits_2(tiny_dataset, tmp_path: Path, test_count: int,
+                                               message: str,
+                                               capsys: pytest.CaptureFixture) -> None:
+    if test_count == 0:  # the same dataset with 28x28 images and an empty test split
+        idx.write_images(tiny_dataset.directory / "train-images-idx3-ubyte",
+                         np.zeros((6, 28, 28), dtype=np.uint8))
+        idx.write_images(tiny_dataset.directory / "t10k-images-idx3-ubyte",
+                         np.zeros((0, 28, 28), dtype=np.uint8))
+        idx.write_labels(tiny_dataset.directory / "t10k-labels-idx1-ubyte",
+                         np.zeros(0, dtype=np.uint8))
+    matrix = tmp_path / "tiny.yaml"
+    matrix.write_text(SMALL_MATRIX.replace("train_subset: 200", "train_subset: 4")
+                      + f"dataset: {tiny_dataset.directory}\n")
+    store = tmp_path / "tiny.sqlite"
+
+    status = main(["ablate", str(matrix), "--store", str(store)])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: .*dataset {re.escape(str(tiny_dataset.directory))} {message}",
+                     err), err
+    assert "Traceback" not in err
     assert not store.exists()
 
 

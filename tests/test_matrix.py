@@ -4,6 +4,7 @@ and the ``mnistbench matrix show`` command."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -117,6 +118,16 @@ def test_cell_levels_and_settings_follow_factors(tmp_path):
     assert mlp.settings.conv is False
     assert mlp.settings.input_features() == 784
     assert matrix.train.lr == 0.1
+
+
+def test_train_setting_that_a_factor_sets_is_reported(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="mnistbench.matrix")
+    matrix = load(tmp_path, "train: {width: 50, lr: 0.1}\nfactors:\n  width: [80, 100]\n"
+                            "  setup:\n    mlp: {}\n    fast: {lr: 1.0}\n")
+    assert [cell.settings.width for cell in matrix.cells()] == [80, 80, 100, 100]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path / 'matrix.yaml'}: train.width 50 is not used, because factor 'width' "
+        f"sets width in every cell"]  # lr 0.1 still reaches the mlp cells: no warning
 
 
 def test_cell_levels_are_read_only(tmp_path):
@@ -460,8 +471,21 @@ def test_invalid_level_message_in_full(tmp_path):
 
 
 def test_missing_file_raises(tmp_path):
-    with pytest.raises(MatrixError, match=r"cannot read matrix file .*absent.yaml"):
+    with pytest.raises(MatrixError, match=r"^matrix file not found: .*absent.yaml; "
+                                          r"ablations/default.yaml is an example$"):
         load_matrix(tmp_path / "absent.yaml")
+
+
+def test_unreadable_file_raises(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(MatrixError, match=r"^cannot read matrix file .*folder.yaml: "
+                                          r"\[Errno 21\] Is a directory"):
+        load_matrix(tmp_path / "folder.yaml")
+
+
+def test_show_counts_one_cell_and_seed_in_the_singular(tmp_path):
+    matrix = load(tmp_path, "seeds: 1\nfactors:\n  width: [10]\n")
+    assert "runs: 1 (1 cell x 1 seed)" in render_summary(matrix).splitlines()
 
 
 @pytest.mark.parametrize(

@@ -390,6 +390,21 @@ def test_report_out_that_is_a_file_exits_2(tmp_path: Path, capsys: pytest.Captur
                      capsys.readouterr().err)
 
 
+def test_report_out_that_cannot_be_created_exits_2(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from mnistbench.cli import main
+
+    store = build_store(tmp_path / "s.sqlite", {"name": "t", "seeds": 2,
+                                                "factors": {"activation": ["relu", "sigmoid"]}},
+                        lambda cell, seed: Planned())
+    store.close()
+    status = main(["report", str(tmp_path / "s.sqlite"), "--out", "/proc/mnistbench-report"])
+    assert status == 2
+    assert re.search(r"^error: --out /proc/mnistbench-report: cannot create "
+                     r"/proc/mnistbench-report.*: No such file or directory; choose another "
+                     r"output directory", capsys.readouterr().err, re.MULTILINE)
+
+
 @pytest.mark.parametrize("out", ["", "  "])
 def test_report_rejects_an_empty_out(tmp_path: Path, out: str,
                                      capsys: pytest.CaptureFixture) -> None:

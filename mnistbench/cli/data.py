@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``mnistbench data`` and its fetch, verify and info subcommands."""
     parser = subparsers.add_parser(
         "data",
-        help="fetch, verify and describe datasets",
+        help="fetch and verify datasets, and show their info",
         description="Fetch, verify and describe the datasets in the cache.",
     )
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION")

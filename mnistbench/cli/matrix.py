@@ -113,7 +113,8 @@ def render_summary(matrix: Matrix) -> str:
 
     runs = len(cells) * len(matrix.seeds)
     lines.append(f"cells: {len(cells)}")
-    lines.append(f"runs: {runs} ({len(cells)} cells x {len(matrix.seeds)} seeds)")
+    lines.append(f"runs: {runs} ({_count(len(cells), 'cell')} x "
+                 f"{_count(len(matrix.seeds), 'seed')})")
     lines.extend(_cost_lines(matrix, cells, runs, train_size))
     return "\n".join(lines)
 
@@ -172,3 +173,7 @@ def _cost_lines(matrix: Matrix, cells: list[Cell], runs: int, train_size: int | 
         per_epoch = "each cell's model-epochs x its training examples"
     lines.append(f"training examples processed: {total:,} ({per_epoch})")
     return lines
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

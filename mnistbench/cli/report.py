@@ -53,9 +53,22 @@ def run_report_command(args: argparse.Namespace) -> int:
         if (args.out / name).is_dir():
             raise MnistbenchError(f"--out {args.out}: {args.out / name} is a directory; "
                                   f"remove it or choose another output directory")
-    paths = write_report(args.store, args.out, args.ablation)
+    try:
+        paths = write_report(args.store, args.out, args.ablation)
+    except OSError as error:
+        target = Path(error.filename) if error.filename else None
+        if isinstance(error, PermissionError) or target is None or not _related(target, args.out):
+            raise
+        raise MnistbenchError(f"--out {args.out}: cannot create {target}: "
+                              f"{error.strerror or error}; choose another output "
+                              f"directory") from error
     print(paths.html)
     print(paths.markdown)
     for path in paths.figures:
         print(path)
     return 0
+
+
+def _related(path: Path, out: Path) -> bool:
+    """Whether ``path`` is ``out``, a folder above it or a file below it."""
+    return path == out or path in out.parents or out in path.parents
