@@ -69,11 +69,17 @@ def test_second_ablate_skips_finished_runs(tiny_matrix: Path, tmp_path: Path) ->
     assert dry.returncode == 0, dry.stderr
     assert f"= 16 runs; 16 already in {store_path}" in dry.stdout
     assert "to train: 0 runs" in dry.stdout
-    again = subprocess.run(ablate_command(tiny_matrix, store_path), capture_output=True,
-                           text=True, timeout=600, cwd=tmp_path)
+    again = subprocess.run(ablate_command(tiny_matrix, store_path, "--workers", "64"),
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "16 already in" in again.stdout
     assert "trained 0 runs" in again.stdout
+    assert re.search(r"WARNING .*64 workers share \d+ cores: each trains on one thread, so "
+                     r"the extra workers split the stacks smaller", again.stderr), again.stderr
+    none = subprocess.run(ablate_command(tiny_matrix, store_path, "--workers", "0"),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert none.returncode == 2
+    assert "error: --workers must be at least 1; got 0" in none.stderr
     # A changed setting is a different run and trains anew.
     changed = subprocess.run(ablate_command(tiny_matrix, store_path, "--set", "lr=0.25"),
                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
