@@ -64,7 +64,7 @@ def model_epoch_flops(settings: Settings, train_size: int = 60_000, test_size: i
 
 
 def multiplied_shares(settings: Settings, data: DeviceData, seeds: range) -> tuple[float, float]:
-    """The fractions of the first layer's terms that the engine multiplies on the CPU.
+    """Return the fractions of the first layer's terms that the engine multiplies on the CPU.
 
     Replays the batches of ``seeds`` and the evaluation slabs, and returns the share of
     terms inside their zero-skipping bands, in training and in evaluation. Models with

@@ -61,9 +61,9 @@ class Member:
 class FirstLayerInputs:
     """A dataset arranged for a model without the convolution front.
 
-    ``order`` is the feature order; ``train`` and ``test`` are uint8 ``(N, n)`` in that
-    order; ``extent[i]`` is the position after training example ``i``'s last nonzero
-    feature (see :func:`~mnistbench.features.nonzero_extent`). The test examples are
+    ``order`` is the feature order, and ``train`` and ``test`` are uint8 ``(N, n)`` in
+    that order. ``extent[i]`` is the position after training example ``i``'s last
+    nonzero feature (see :func:`~mnistbench.features.nonzero_extent`). The test examples are
     sorted by their extents, ``test_extent``, and ``test_labels`` follow them.
     """
 
@@ -111,8 +111,11 @@ class DeviceData:
                    flat(dataset.test_images), dataset.test_labels.to(device), dataset.md5)
 
     def first_layer_inputs(self, pool: bool) -> FirstLayerInputs:
-        """The images as a model without the convolution front takes them, made once
-        per ``pool`` value; see :func:`mnistbench.features.arrange_features`."""
+        """Return the images arranged for a model without the convolution front.
+
+        They are made once per ``pool`` value; see
+        :func:`mnistbench.features.arrange_features`.
+        """
         if pool not in self._arranged:
             order = feature_order(self.train_images, pool)
             train = arrange_features(self.train_images, pool, order)
@@ -234,9 +237,9 @@ def _keep_freed_memory() -> None:
 
     A training step allocates and frees buffers of several MB. By default glibc hands
     many of them back, and the next step faults every page in again. A benchmark stack
-    of the pooled convolution front took about 150,000 page faults and 8% longer. With buffers up to 32 MB (the
-    largest threshold glibc accepts) served from the heap and the heap never trimmed,
-    the process keeps its peak working set instead.
+    of the pooled convolution front took about 150,000 page faults and 8% longer. With
+    buffers up to 32 MB (the largest threshold glibc accepts) served from the heap and
+    the heap never trimmed, the process keeps its peak working set instead.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

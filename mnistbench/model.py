@@ -76,8 +76,8 @@ class Trace:
     - ``pool_gap``: (M, B, 391), each pair's odd value minus its even value.
     - ``first_input``: the first Linear's input, (S, B, n) shared by a seed's runs, or
       (M, B, n).
-    - ``bands``: per seed, the :class:`~mnistbench.features.Band` pieces that the first Linear multiplied,
-      or None when it multiplied everything.
+    - ``bands``: per seed, the :class:`~mnistbench.features.Band` pieces that the first
+      Linear multiplied, or None when it multiplied everything.
     - ``pre``: (M, B, H) hidden pre-activation, kept only when needed.
     - ``hidden``, ``keep``, ``dropped``: its activation, the dropout scale (or None),
       and the hidden units after dropout.
@@ -104,8 +104,8 @@ class Block:
     number of runs, so all seeds train in the same batched matmuls: the per-operation
     cost of the Python loop is paid once per step, not once per seed.
 
-    ``feature_order`` (from :func:`~mnistbench.features.feature_order`) orders the first Linear's inputs
-    when there is no convolution front; None keeps pixel order.
+    ``feature_order`` (from :func:`~mnistbench.features.feature_order`) orders the first
+    Linear's inputs when there is no convolution front. None keeps pixel order.
     """
 
     def __init__(self, settings: Sequence[Settings], seeds: Sequence[int],
@@ -287,8 +287,11 @@ class Block:
         return taps
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """Arrange uint8 images ``(..., 784)`` as :meth:`forward` takes them: unchanged
-        with the convolution front, else pooled and ordered by :func:`~mnistbench.features.arrange_features`."""
+        """Arrange uint8 images ``(..., 784)`` as :meth:`forward` takes them.
+
+        They stay unchanged with the convolution front. Without it they are pooled and
+        ordered by :func:`~mnistbench.features.arrange_features`.
+        """
         if self.conv:
             return images
         return arrange_features(images, self.pool, self.feature_order)
@@ -302,9 +305,10 @@ class Block:
             images: uint8 ``(S, B, 784)``, each seed's batch, arranged by :meth:`inputs`.
             dropout_uniform: uniform draws ``(S, B, H)``, one per seed (training only);
                 a run drops a unit where its seed's draw is below its probability.
-            bands: without the front, per seed, the :func:`~mnistbench.features.zero_skipping_bands` of its
-                batch, whose examples must be in ascending order of extent. None
-                multiplies everything.
+            bands: without the front, per seed, the
+                :func:`~mnistbench.features.zero_skipping_bands` of its batch, whose
+                examples must be in ascending order of extent. None multiplies
+                everything.
             for_backward: whether :func:`~mnistbench.backprop.gradients` will use the
                 trace; evaluation skips what only the backward pass needs.
         """

@@ -70,5 +70,5 @@ def run_report_command(args: argparse.Namespace) -> int:
 
 
 def _related(path: Path, out: Path) -> bool:
-    """Whether ``path`` is ``out``, a folder above it or a file below it."""
+    """Return whether ``path`` is ``out``, a folder above it or a file below it."""
     return path == out or path in out.parents or out in path.parents
