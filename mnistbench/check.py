@@ -132,12 +132,12 @@ def run_check(store_path: Path, thresholds_path: Path, *, baseline_path: Path | 
         logger.warning("ablation %s has %d of %d runs finished; checking the finished ones",
                        name, finished, members)
     if unfinished:
-        shown = ", ".join(unfinished[:UNFINISHED_SHOWN])
+        named = ", ".join(unfinished[:UNFINISHED_SHOWN])
         if len(unfinished) > UNFINISHED_SHOWN:
-            shown += f" and {len(unfinished) - UNFINISHED_SHOWN} more"
+            named += f" and {len(unfinished) - UNFINISHED_SHOWN} more"
         raise CheckInputError(
             f"store {store_path}: {len(unfinished)} cells of ablation '{name}' have no "
-            f"finished runs: {shown}; run 'mnistbench ablate' on the matrix "
+            f"finished runs: {named}; run 'mnistbench ablate' on the matrix "
             f"until it completes, then check again"
         )
 

@@ -31,7 +31,8 @@ from mnistbench.backprop import Gradients, gradients, member_losses
 from mnistbench.data import Dataset
 from mnistbench.errors import DataError
 from mnistbench.evaluation import evaluate
-from mnistbench.features import arrange_features, feature_order, nonzero_extent, zero_skipping_bands
+from mnistbench.features import (arrange_features, feature_order, nonzero_extent,
+                                 zero_skipping_bands)
 from mnistbench.matrix import Criteria, Settings
 from mnistbench.model import Block, structure_of
 from mnistbench.optimizers import Optimizer
@@ -63,8 +64,9 @@ class FirstLayerInputs:
 
     ``order`` is the feature order, and ``train`` and ``test`` are uint8 ``(N, n)`` in
     that order. ``extent[i]`` is the position after training example ``i``'s last
-    nonzero feature (see :func:`~mnistbench.features.nonzero_extent`). The test examples are
-    sorted by their extents, ``test_extent``, and ``test_labels`` follow them.
+    nonzero feature (see :func:`~mnistbench.features.nonzero_extent`). The test
+    examples are sorted by their extents, ``test_extent``, and ``test_labels`` follow
+    them.
     """
 
     order: torch.Tensor
@@ -89,14 +91,14 @@ class DeviceData:
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, device: torch.device | str) -> DeviceData:
-        def flat(images: torch.Tensor) -> torch.Tensor:
-            return images.reshape(images.shape[0], -1).contiguous().to(device)
-
         """Move a dataset to ``device``, flattening its images.
 
         Raises:
             DataError: the images are not 28x28, or a split has no examples.
         """
+        def flat(images: torch.Tensor) -> torch.Tensor:
+            return images.reshape(images.shape[0], -1).contiguous().to(device)
+
         if tuple(dataset.train_images.shape[1:]) != (28, 28):
             height, width = dataset.train_images.shape[1:]
             raise DataError(
@@ -349,9 +351,9 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
                 optimizers[b].freeze(newly)
                 diverged[b] |= newly
                 any_frozen[b] = True
-            images, labels, extents = test_set
-            result = evaluate(block, images, labels, first.activation, confusion=last,
-                              extents=extents)
+            test_images, test_labels, test_extents = test_set
+            result = evaluate(block, test_images, test_labels, first.activation,
+                              confusion=last, extents=test_extents)
             if last:
                 final_eval.append(result)
             _record_epoch(history, group, block, epoch, steps, loss_sums[b], norm_sums[b],

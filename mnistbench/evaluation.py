@@ -22,7 +22,7 @@ from mnistbench.model import Block
 EVAL_ELEMENTS = 4_000_000
 SATURATION_MARGIN = 0.01  # sigmoid/tanh outputs this close to a bound count as saturated
 # Chunks start at multiples of this many examples. MKL's result for an example can
-# depend on where it sits in a matmul: the 10-class layer gave other low bits for
+# depend on where it sits in a matmul. The 10-class layer gave other low bits for
 # examples in chunks of 333 or 555 than in one product of 10,000, but not in chunks of
 # 64 or 1,000. With fixed boundaries, a bigger stack (smaller chunks) changes no result.
 TILE = 64
@@ -110,14 +110,16 @@ def _chunks(block: Block, images: torch.Tensor, labels: torch.Tensor,
 
 
 def _rows_of(bands: tuple[Band, ...], offset: int, count: int) -> tuple[Band, ...]:
-    """The bands of examples ``offset`` to ``offset + count - 1``, counted from ``offset``."""
+    """Return the bands of examples ``offset`` to ``offset + count - 1``, counted from
+    ``offset``."""
     whole, *rest = bands
     return (whole, *(Band(max(0, first - offset), start, stop)
                      for first, start, stop in rest if first < offset + count))
 
 
 def _chunk_size(block: Block) -> int:
-    """Examples per chunk: a multiple of ``TILE`` that keeps activations near ``EVAL_ELEMENTS``."""
+    """Return the examples per chunk: a multiple of ``TILE`` that keeps activations near
+    ``EVAL_ELEMENTS``."""
     # The convolution front's output, (M, chunk, 782), is the largest tensor when on.
     per_example = block.members * max(block.width, IMAGE_PIXELS if block.conv else 0)
     return max(1, EVAL_ELEMENTS // per_example // TILE) * TILE

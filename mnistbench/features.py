@@ -46,7 +46,7 @@ def arrange_features(images: torch.Tensor, pool: bool, order: torch.Tensor | Non
                      ) -> torch.Tensor:
     """Turn uint8 images ``(..., 784)`` into the first Linear's uint8 inputs ``(..., n)``.
 
-    Pooling takes the larger pixel of each neighbouring pair; this is exact in uint8,
+    Pooling takes the larger pixel of each neighbouring pair. This is exact in uint8,
     because scaling by 1/255 afterwards is monotone and commutes with max. ``order``
     (from :func:`feature_order`) then permutes the features; None keeps pixel order.
     """
@@ -66,9 +66,9 @@ class Band(NamedTuple):
     stop: int
 
 
-# Where a batch, sorted by extent, is cut into bands: after three quarters and seven
-# eighths of its examples. On MNIST batches of 128 this multiplies 62% of the first
-# layer's terms instead of 81% for one band; more cuts made more, slower matmuls.
+# Cut points of a batch sorted by extent, as fractions of its examples. On MNIST
+# batches of 128 these multiply 62% of the first layer's terms, against 81% for one
+# band. More cuts made more, slower matmuls.
 BAND_CUTS = (0.75, 0.875)
 
 
@@ -97,10 +97,11 @@ def zero_skipping_bands(extents: Sequence[int], cuts: Sequence[float] = BAND_CUT
 
 
 def nonzero_extent(inputs: torch.Tensor) -> torch.Tensor:
-    """For uint8 inputs ``(N, n)``, the position after each row's last nonzero feature.
+    """Return, for uint8 inputs ``(N, n)``, the position after each row's last nonzero
+    feature: int64 ``(N,)``, and 0 for an all-zero row.
 
     The largest value over a batch is the number of the first Linear's rows that the
-    batch needs. Returns int64 ``(N,)``; 0 for an all-zero row.
+    batch needs.
     """
     positions = torch.arange(1, inputs.shape[1] + 1, device=inputs.device)
     extent = torch.empty(inputs.shape[0], dtype=torch.long, device=inputs.device)

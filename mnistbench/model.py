@@ -138,8 +138,8 @@ class Block:
             self.feature_order = feature_order.to(self.device)
             for d in drawn:
                 d["weight1"] = d["weight1"][feature_order.cpu()]
-        # Skipping known zeros needs each batch's bands on the host, which a GPU would
-        # have to wait for; its matmuls are wide enough to multiply everything.
+        # Skipping known zeros needs each batch's bands on the host, so a GPU would wait
+        # for them every step. Its matmuls are wide enough to multiply everything.
         self.skips_zeros = not self.conv and self.device.type == "cpu"
         if self.parity_rows:
             for d in drawn:

@@ -108,8 +108,11 @@ class Optimizer:
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
                  bands: list[tuple[Band, ...]] | None) -> None:
-    """``out += alpha * a @ b`` (batched), in place, skipping the terms where ``a`` is
-    zero outside its seed's bands; rows of ``out`` past the last band stay as they are."""
+    """Compute ``out += alpha * a @ b`` (batched) in place.
+
+    With ``bands``, the terms where ``a`` is zero outside its seed's bands are skipped,
+    and the rows of ``out`` past the last band stay as they are.
+    """
     if bands is None:
         out.baddbmm_(a, b, alpha=alpha)
         return

@@ -353,10 +353,11 @@ def _run_ablation(matrix: Matrix, existing: Store | None, open_store: Callable[[
                        "train in float32 and match their float32 twins", " and ".join(reduced))
     if workers < 1:
         raise MnistbenchError(f"--workers must be at least 1; got {workers}")
-    if cluster is None and torch_device.type == "cpu" and workers > default_workers(torch_device):
+    cores = default_workers(torch_device)
+    if cluster is None and torch_device.type == "cpu" and workers > cores:
         logger.warning("%d workers share %d cores: each trains on one thread, so the extra "
                        "workers split the stacks smaller and slow the ablation down",
-                       workers, default_workers(torch_device))
+                       workers, cores)
     if max_stack is None:
         max_stack = DEFAULT_MAX_STACK_CUDA if torch_device.type == "cuda" else DEFAULT_MAX_STACK_CPU
     plan, data = prepare(matrix, existing, device=torch_device, workers=workers,

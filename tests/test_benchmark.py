@@ -18,7 +18,8 @@ def test_mlp_model_epoch_flops() -> None:
     assert flops == 60_000 * per_example
 
 
-def test_model_epoch_flops_count_only_the_multiplied_share_of_the_first_layer() -> None:
+def test_model_epoch_flops_with_shares() -> None:
+    """Only the multiplied share of the first layer's terms is counted."""
     settings = BENCH_CELLS["mlp"]
     first = 2 * 784 * 100
     dense = model_epoch_flops(settings, train_size=10, test_size=4)

@@ -267,8 +267,7 @@ def test_cells_without_runs_rejected(tmp_path: Path, thresholds: Path) -> None:
         run_check(store, thresholds)
 
 
-def test_many_cells_without_runs_are_named_up_to_five(tmp_path: Path,
-                                                      thresholds: Path) -> None:
+def test_cells_without_runs_named_up_to_five(tmp_path: Path, thresholds: Path) -> None:
     matrix = {"name": "t", "seeds": 2, "factors": {"activation": ["relu", "sigmoid", "tanh"],
                                                     "width": [8, 16, 32, 64]}}
     store = make_store(tmp_path / "s.sqlite", lambda cell, seed: None, matrix)

@@ -93,14 +93,15 @@ def test_stacked_run_equals_run_alone(base: Settings) -> None:
     pytest.param(replace(BASE, batch_size=8), id="mlp"),
     pytest.param(replace(BASE, batch_size=8, pool=True, activation="relu"), id="pool-relu"),
 ])
-def test_stacked_run_equals_run_alone_when_batches_skip_zeros(base: Settings) -> None:
-    """The first layer's bands differ per batch; stacking still changes nothing."""
+def test_stack_equals_alone_skipping_zeros(base: Settings) -> None:
+    """The first layer's bands differ per batch, and stacking still changes nothing."""
     data = ragged_dataset()
     extent = data.first_layer_inputs(base.pool).extent
-    features = base.input_features()
+    feature_count = base.input_features()
     order = torch.randperm(256, generator=generator(0, "data"))
     in_use = [int(extent[order[i:i + 8]].max()) for i in range(0, 256, 8)]
-    assert min(in_use) < 0.75 * features and max(in_use) > 0.9 * features
+    assert min(in_use) < 0.75 * feature_count
+    assert max(in_use) > 0.9 * feature_count
     assert_stack_equals_alone(base, data)
 
 
@@ -399,35 +400,26 @@ def test_training_matches_torch_optim(optimizer: dict, front: str) -> None:
     assert result.epochs[1].test_accuracy == pytest.approx(accuracy, abs=1 / 200)
 
 
-def test_factored_grad_norm_is_exact() -> None:
+@pytest.mark.parametrize("skip_zeros", [False, True], ids=["dense", "zeros-skipped"])
+def test_factored_grad_norm_is_exact(skip_zeros: bool) -> None:
     """The engine measures a shared first layer's gradient norm without forming the gradient."""
-    settings = replace(BASE, activation="relu", width=8, batch_size=16)
-    block = model_module.Block([settings, replace(settings, init="kaiming")] * 2, [0, 1], "cpu")
-    data = band_dataset(train_size=32, test_size=10)
-    images = data.train_images[:32].view(2, 16, 784)
-    labels = data.train_labels[:32].view(2, 1, 16).expand(2, 2, 16).flatten(0, 1)
-    trace = block.forward(images)
-    _, logit_grad = member_losses(trace.logits, labels, "cross_entropy", with_grad=True)
-    grads = gradients(block, trace, logit_grad)
-    from_factors = _grad_norms(block, grads)
-    grads.materialize(block)
-    assert grads.factors is None
-    written_out = _grad_norms(block, grads)
-    torch.testing.assert_close(from_factors, written_out, rtol=1e-5, atol=1e-6)
-    assert bool((written_out > 0).all())
-
-
-def test_factored_grad_norm_is_exact_with_zeros_skipped() -> None:
     settings = replace(BASE, activation="relu", width=8, batch_size=8)
-    data = ragged_dataset()
-    arranged = data.first_layer_inputs(False)
-    block = model_module.Block([settings, replace(settings, init="kaiming")] * 2, [0, 1], "cpu",
-                               arranged.order)
-    extents, by_extent = arranged.extent[:16].view(2, 8).sort()
-    index = (torch.arange(16).view(2, 8)).gather(1, by_extent)
-    images = arranged.train[index]
-    bands = [features.zero_skipping_bands(e) for e in extents.tolist()]
-    assert max(b[-1].stop for b in bands) < 784
+    variants = [settings, replace(settings, init="kaiming")] * 2
+    bands = None
+    if skip_zeros:
+        data = ragged_dataset()
+        arranged = data.first_layer_inputs(False)
+        block = model_module.Block(variants, [0, 1], "cpu", arranged.order)
+        extents, by_extent = arranged.extent[:16].view(2, 8).sort()
+        index = torch.arange(16).view(2, 8).gather(1, by_extent)
+        images = arranged.train[index]
+        bands = [features.zero_skipping_bands(e) for e in extents.tolist()]
+        assert max(band[-1].stop for band in bands) < 784
+    else:
+        data = band_dataset(train_size=16, test_size=10)
+        block = model_module.Block(variants, [0, 1], "cpu")
+        index = torch.arange(16).view(2, 8)
+        images = data.train_images[index]
     labels = data.train_labels[index][:, None].expand(2, 2, 8).flatten(0, 1)
     trace = block.forward(images, bands=bands)
     _, logit_grad = member_losses(trace.logits, labels, "cross_entropy", with_grad=True)
@@ -454,7 +446,8 @@ def test_dropout_mask_and_scale() -> None:
     torch.testing.assert_close(keep, expected)
 
 
-def test_feature_order_sorts_by_nonzero_count_and_keeps_pixel_order_on_ties() -> None:
+def test_feature_order_by_nonzero_count() -> None:
+    """Most often nonzero first; ties keep pixel order."""
     images = torch.zeros(4, 784, dtype=torch.uint8)
     images[:, 500] = 9  # nonzero in all four images
     images[:3, 7] = 1  # in three
@@ -490,8 +483,7 @@ def test_pooled_features_equal_max_pooling_the_scaled_pixels() -> None:
     ([3, 3, 3, 3, 3, 3, 9, 9], [(0, 0, 3), (6, 3, 9)]),
     ([4], [(0, 0, 4)]),
 ])
-def test_zero_skipping_bands_cover_every_nonzero_term(extents: list[int],
-                                                      expected: list[tuple]) -> None:
+def test_bands_cover_nonzero_terms(extents: list[int], expected: list[tuple]) -> None:
     bands = features.zero_skipping_bands(extents)
     assert [tuple(band) for band in bands] == expected
     for example, extent in enumerate(extents):  # every nonzero column is in exactly one band

@@ -483,7 +483,7 @@ def test_unreadable_file_raises(tmp_path):
         load_matrix(tmp_path / "folder.yaml")
 
 
-def test_show_counts_one_cell_and_seed_in_the_singular(tmp_path):
+def test_show_singular_cell_and_seed(tmp_path):
     matrix = load(tmp_path, "seeds: 1\nfactors:\n  width: [10]\n")
     assert "runs: 1 (1 cell x 1 seed)" in render_summary(matrix).splitlines()
 
