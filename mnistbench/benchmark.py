@@ -30,17 +30,19 @@ from mnistbench.initialization import CONV_TAPS, NUM_CLASSES
 MATMUL_SIZE = 1024  # square float32 matmul used to measure the machine's rate
 
 
-def example_flops(settings: Settings, *, train: bool) -> int:
+def example_flops(settings: Settings, *, train: bool, share: float = 1.0) -> float:
     """Floating-point operations for one example, a multiply-add counted as 2.
 
     Training counts the forward pass and the backward pass: weight gradients of both
     Linear layers, the input gradient of the second, and of the first only when the
     convolution front needs it. Element-wise work (activations, loss, optimizer) is
-    left out, so the count is a floor.
+    left out, so the count is a floor. ``share`` is the fraction of the first layer's
+    inputs that are multiplied, and of the front's windows that are computed; see
+    :func:`multiplied_shares`.
     """
     n, width = settings.input_features(), settings.width
-    conv = 2 * CONV_TAPS * (IMAGE_PIXELS - CONV_TAPS + 1) if settings.conv else 0
-    first = 2 * n * width
+    conv = 2 * CONV_TAPS * (IMAGE_PIXELS - CONV_TAPS + 1) * share if settings.conv else 0
+    first = 2 * n * width * share
     second = 2 * width * NUM_CLASSES
     forward = conv + first + second
     if not train:
@@ -53,26 +55,23 @@ def model_epoch_flops(settings: Settings, train_size: int = 60_000, test_size: i
                       evaluations: int = 1, shares: tuple[float, float] = (1.0, 1.0)) -> int:
     """FLOPs of one model-epoch: training on ``train_size`` examples plus test evaluations.
 
-    ``shares`` are the fractions of the first layer's products (forward and weight
-    gradient) that are multiplied in training and in evaluation; see
-    :func:`multiplied_shares`. The default counts every term.
+    ``shares`` are the fractions of the first layer's inputs that are multiplied in
+    training and in evaluation; see :func:`multiplied_shares`. The default counts
+    every term.
     """
-    first = 2 * settings.input_features() * settings.width
-    train = example_flops(settings, train=True) - 2 * first * (1.0 - shares[0])
-    test = example_flops(settings, train=False) - first * (1.0 - shares[1])
+    train = example_flops(settings, train=True, share=shares[0])
+    test = example_flops(settings, train=False, share=shares[1])
     return round(train_size * train + evaluations * test_size * test)
 
 
 def multiplied_shares(settings: Settings, data: DeviceData, seeds: range) -> tuple[float, float]:
-    """Return the fractions of the first layer's terms that the engine multiplies on the CPU.
+    """Return the fractions of the first layer's inputs that the engine multiplies on the CPU.
 
     Replays the batches of ``seeds`` and the evaluation slabs, and returns the share of
-    terms inside their zero-skipping bands, in training and in evaluation. Models with
-    the convolution front multiply everything.
+    inputs inside their zero-skipping bands, in training and in evaluation. With the
+    convolution front these are also the shares of the front's windows that it computes.
     """
-    if settings.conv:
-        return 1.0, 1.0
-    arranged = data.first_layer_inputs(settings.pool)
+    arranged = data.arranged_inputs(settings.conv, settings.pool)
     features, batch = settings.input_features(), settings.batch_size
     subset = data.subset_indexes(settings.train_subset)
     size = data.train_labels.shape[0] if subset is None else subset.shape[0]

@@ -36,6 +36,7 @@ from mnistbench.features import (arrange_features, feature_order, nonzero_extent
 from mnistbench.matrix import Criteria, Settings
 from mnistbench.model import Block, structure_of
 from mnistbench.optimizers import Optimizer
+from mnistbench.windows import WindowLayout, arrange_windows, window_maxima, window_order
 from mnistbench.outcome import EpochRecord, RunResult, outcome_of_counts
 from mnistbench.seeds import generator
 
@@ -59,14 +60,16 @@ class Member:
 
 
 @dataclass(frozen=True)
-class FirstLayerInputs:
-    """A dataset arranged for a model without the convolution front.
+class ArrangedInputs:
+    """A dataset arranged for one kind of model: with or without the convolution front,
+    with or without pooling.
 
-    ``order`` is the feature order, and ``train`` and ``test`` are uint8 ``(N, n)`` in
-    that order. ``extent[i]`` is the position after training example ``i``'s last
-    nonzero feature (see :func:`~mnistbench.features.nonzero_extent`). The test
-    examples are sorted by their extents, ``test_extent``, and ``test_labels`` follow
-    them.
+    ``order`` is the order of the features or of the front's windows, and ``train`` and
+    ``test`` are uint8 ``(N, n)`` or ``(N, pixels * windows)`` in that order, as
+    :meth:`~mnistbench.model.Block.inputs` arranges them. ``extent[i]`` is the position
+    after training example ``i``'s last nonzero feature or window (see
+    :func:`~mnistbench.features.nonzero_extent`). The test examples are sorted by
+    their extents, ``test_extent``, and ``test_labels`` follow them.
     """
 
     order: torch.Tensor
@@ -86,8 +89,8 @@ class DeviceData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     md5: str
-    _arranged: dict[bool, FirstLayerInputs] = field(default_factory=dict, compare=False,
-                                                    repr=False)
+    _arranged: dict[tuple[bool, bool], ArrangedInputs] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_dataset(cls, dataset: Dataset, device: torch.device | str) -> DeviceData:
@@ -112,21 +115,28 @@ class DeviceData:
         return cls(flat(dataset.train_images), dataset.train_labels.to(device),
                    flat(dataset.test_images), dataset.test_labels.to(device), dataset.md5)
 
-    def first_layer_inputs(self, pool: bool) -> FirstLayerInputs:
-        """Return the images arranged for a model without the convolution front.
-
-        They are made once per ``pool`` value; see
-        :func:`mnistbench.features.arrange_features`.
-        """
-        if pool not in self._arranged:
-            order = feature_order(self.train_images, pool)
-            train = arrange_features(self.train_images, pool, order)
-            test = arrange_features(self.test_images, pool, order)
-            test_extent, by_extent = nonzero_extent(test).sort(stable=True)
-            self._arranged[pool] = FirstLayerInputs(
-                order, train, nonzero_extent(train), test[by_extent],
-                self.test_labels[by_extent], test_extent)
-        return self._arranged[pool]
+    def arranged_inputs(self, conv: bool, pool: bool) -> ArrangedInputs:
+        """Return the images arranged for a model with the convolution front
+        (:func:`~mnistbench.windows.arrange_windows`) or without it
+        (:func:`~mnistbench.features.arrange_features`), made once per kind."""
+        key = (conv, pool)
+        if key not in self._arranged:
+            if conv:
+                layout = WindowLayout.of(pool)
+                order = window_order(self.train_images, layout)
+                train = arrange_windows(self.train_images, layout, order)
+                test = arrange_windows(self.test_images, layout, order)
+                extent, test_extent = (nonzero_extent(window_maxima(train, layout)),
+                                       nonzero_extent(window_maxima(test, layout)))
+            else:
+                order = feature_order(self.train_images, pool)
+                train = arrange_features(self.train_images, pool, order)
+                test = arrange_features(self.test_images, pool, order)
+                extent, test_extent = nonzero_extent(train), nonzero_extent(test)
+            test_extent, by_extent = test_extent.sort(stable=True)
+            self._arranged[key] = ArrangedInputs(order, train, extent, test[by_extent],
+                                                 self.test_labels[by_extent], test_extent)
+        return self._arranged[key]
 
     def subset_indexes(self, size: int | None) -> torch.Tensor | None:
         """Return the fixed training subset of ``size`` examples, or None for all."""
@@ -172,7 +182,7 @@ def _silence(block: Block, gradients: Gradients, members: torch.Tensor) -> None:
             b.view(block.seed_count, b.shape[1], block.variants, block.width).masked_fill_(
                 members.view(block.seed_count, 1, block.variants, 1), 0.0)
         else:
-            a.masked_fill_(members.view(-1, 1, 1), 0.0)
+            a.masked_fill_(members.view(-1, *[1] * (a.dim() - 1)), 0.0)
             b.masked_fill_(members.view(-1, 1, 1), 0.0)
 
 
@@ -262,13 +272,10 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
     torch.set_flush_denormal(True)
     first = members[0].settings
     groups = _blocks_by_seed(members)
-    arranged = None if first.conv else data.first_layer_inputs(first.pool)
-    train_images = data.train_images if arranged is None else arranged.train
-    test_set = ((data.test_images, data.test_labels, None) if arranged is None else
-                (arranged.test, arranged.test_labels, arranged.test_extent))
+    arranged = data.arranged_inputs(first.conv, first.pool)
     blocks = [Block([members[i].settings for i in g],
                     list(dict.fromkeys(members[i].seed for i in g)), device,
-                    None if arranged is None else arranged.order)
+                    arranged.order)
               for g in groups]
     optimizers = [Optimizer(block, first.optimizer) for block in blocks]
     data_streams = [[generator(seed, "data") for seed in block.seeds] for block in blocks]
@@ -315,7 +322,7 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
                         uniform = torch.stack([
                             torch.rand(index.shape[1], block.width, device=device,
                                        generator=stream) for stream in streams])
-                    images = torch.index_select(train_images, 0, index.flatten())
+                    images = torch.index_select(arranged.train, 0, index.flatten())
                     trace = block.forward(images.view(*index.shape, -1), uniform, bands=bands)
                     labels = data.train_labels[index][:, None, :].expand(
                         block.seed_count, block.variants, index.shape[1])
@@ -351,9 +358,8 @@ def _train(members: Sequence[Member], data: DeviceData, criteria: Criteria, prov
                 optimizers[b].freeze(newly)
                 diverged[b] |= newly
                 any_frozen[b] = True
-            test_images, test_labels, test_extents = test_set
-            result = evaluate(block, test_images, test_labels, first.activation,
-                              confusion=last, extents=test_extents)
+            result = evaluate(block, arranged.test, arranged.test_labels, first.activation,
+                              confusion=last, extents=arranged.test_extent)
             if last:
                 final_eval.append(result)
             _record_epoch(history, group, block, epoch, steps, loss_sums[b], norm_sums[b],

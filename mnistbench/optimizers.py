@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from mnistbench.backprop import Gradients
-from mnistbench.features import Band
 from mnistbench.model import Block
 
 ADAM_BETAS = (0.9, 0.999)  # PyTorch's defaults
@@ -57,7 +56,7 @@ class Optimizer:
         for name, param in self.block.params.items():
             entry = self.state[name]
             if name not in gradients.params:
-                self._step_factored(param, entry, *gradients.factors, gradients.bands)
+                self._step_factored(param, entry, gradients)
                 continue
             grad = gradients.params[name]
             if self.use_decay:
@@ -74,25 +73,24 @@ class Optimizer:
             v_hat = entry["v"] / (1 - beta2**self.step_count)
             param.addcdiv_(entry["lr"] * m_hat, v_hat.sqrt_().add_(ADAM_EPS), value=-1.0)
 
-    def _step_factored(self, param: torch.Tensor, entry: dict, a: torch.Tensor,
-                       b: torch.Tensor, bands: list[tuple[Band, ...]] | None) -> None:
-        """SGD on a weight whose gradient is ``a @ b``, accumulated inside the matmul.
+    def _step_factored(self, param: torch.Tensor, entry: dict, gradients: Gradients) -> None:
+        """SGD on the first layer's weight, whose gradient is still in factors ``a @ b``
+        and is accumulated inside the matmul.
 
         The learning rate scales ``b``'s columns (or batches) per member, so the
-        update needs no pass over the weights beyond the matmul's own. With
-        ``bands``, the product skips the terms where ``a`` is known to be zero.
+        update needs no pass over the weights beyond the matmul's own.
         """
         assert self.kind == "sgd", "Adam needs the gradient written out"
         if self.use_momentum:
             buffer = entry["buffer"].mul_(entry["momentum"])
             if self.use_decay:
                 buffer.addcmul_(entry["decay"], param)
-            _add_product(buffer, a, b, 1.0, bands)
+            gradients.add_weight1(buffer, 1.0)
             param.addcmul_(entry["lr"], buffer, value=-1.0)
             return
         if self.use_decay:
             param.mul_(1.0 - entry["lr"] * entry["decay"])
-        _add_product(param, a, b * entry["lr"], -1.0, bands)
+        gradients.add_weight1(param, -1.0, entry["lr"])
 
     @torch.no_grad()
     def freeze(self, members: torch.Tensor) -> None:
@@ -105,17 +103,3 @@ class Optimizer:
                 if key in self.state[name]:
                     self.block.zero_members(name, self.state[name][key], members)
 
-
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
-                 bands: list[tuple[Band, ...]] | None) -> None:
-    """Compute ``out += alpha * a @ b`` (batched) in place.
-
-    With ``bands``, the terms where ``a`` is zero outside its seed's bands are skipped,
-    and the rows of ``out`` past the last band stay as they are.
-    """
-    if bands is None:
-        out.baddbmm_(a, b, alpha=alpha)
-        return
-    for s, seed_bands in enumerate(bands):
-        for first, start, stop in seed_bands:
-            out[s, start:stop].addmm_(a[s, start:stop, first:], b[s, first:], alpha=alpha)

@@ -41,7 +41,12 @@ def test_multiplied_shares_replay_the_bands() -> None:
     # One slab of 8: bands (0, 0, 100) and (4, 100, 200), whose first row is aligned
     # down to 0, a multiple of the evaluation's tile of 64.
     assert test_share == pytest.approx((8 * 100 + 8 * 100) / (8 * 784))
-    assert multiplied_shares(replace(settings, conv=True), data, range(1)) == (1.0, 1.0)
+    # With the front the shares count windows: pixels 0-99 light the first 100 of 782
+    # three-pixel windows and the first 50 of 391 pooled ones.
+    conv_shares = multiplied_shares(replace(settings, conv=True), data, range(1))
+    assert conv_shares == pytest.approx((100 / 782, 16 * 100 / (8 * 782)))
+    pooled_shares = multiplied_shares(replace(settings, conv=True, pool=True), data, range(1))
+    assert pooled_shares == pytest.approx((50 / 391, 16 * 50 / (8 * 391)))
 
 
 @pytest.mark.mnist

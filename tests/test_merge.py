@@ -415,9 +415,9 @@ def test_duplicated_run_rejected_before_writing(halves: tuple[Path, Path],
     out = build(tmp_path / "out.sqlite", seeds(0, 1),
                 {**MATRIX, "name": "other", "train": {"lr": 0.25}})
     before = frames(out, "other")
-    cell_id, original = add_duplicate(second, first, 2, "dddddddddddddddd")
+    cell_id, original = add_duplicate(second, first, 2, "ffffffffffffffff")
     message = (rf"^ablation 't' would contain duplicated runs: cell {cell_id} seed 2 has runs "
-               rf"{original} \(in \S+b\.sqlite\), dddddddddddddddd \(in \S+a\.sqlite\); "
+               rf"{original} \(in \S+b\.sqlite\), ffffffffffffffff \(in \S+a\.sqlite\); "
                rf"every cell and seed must have one run")
     with pytest.raises(StoreError, match=message):
         merge_stores(out, [first, second])
@@ -432,10 +432,10 @@ def test_duplicated_run_rejected_before_writing(halves: tuple[Path, Path],
 def test_duplicated_run_rejected_for_new_output(halves: tuple[Path, Path],
                                                 tmp_path: Path) -> None:
     first, _ = halves
-    cell_id, original = add_duplicate(first, first, 1, "dddddddddddddddd")
+    cell_id, original = add_duplicate(first, first, 1, "ffffffffffffffff")
     out = tmp_path / "out.sqlite"
     message = (rf"cell {cell_id} seed 1 has runs {original} \(in \S+a\.sqlite\), "
-               rf"dddddddddddddddd \(in \S+a\.sqlite\)")
+               rf"ffffffffffffffff \(in \S+a\.sqlite\)")
     with pytest.raises(StoreError, match=message):
         merge_stores(out, [first])
     assert not out.exists()
@@ -444,11 +444,11 @@ def test_duplicated_run_rejected_for_new_output(halves: tuple[Path, Path],
 def test_merge_command_duplicate_exits_2(halves: tuple[Path, Path], tmp_path: Path,
                                          capsys: pytest.CaptureFixture) -> None:
     first, second = halves
-    cell_id, original = add_duplicate(first, second, 0, "dddddddddddddddd")
+    cell_id, original = add_duplicate(first, second, 0, "ffffffffffffffff")
     out = tmp_path / "out.sqlite"
     assert main(["merge", str(out), str(first), str(second)]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: ablation 't' would contain duplicated runs: cell {cell_id} "
-                            f"seed 0 has runs {original} (in {first}), dddddddddddddddd "
+                            f"seed 0 has runs {original} (in {first}), ffffffffffffffff "
                             f"(in {second})")
     assert not out.exists()
