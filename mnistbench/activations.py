@@ -69,7 +69,8 @@ def _scalar_tail(tensor: torch.Tensor) -> int:
     its scalar formula."""
     if tensor.is_contiguous():
         return tensor.numel() % VECTOR_MULTIPLE
-    assert tensor.stride(-1) == 1 and tensor.shape[-1] % VECTOR_MULTIPLE == 0, (
+    assert tensor.stride(-1) == 1, "rows must be contiguous"
+    assert tensor.shape[-1] % VECTOR_MULTIPLE == 0, (
         f"rows of {tensor.shape[-1]} values would end in a scalar loop")
     return 0
 

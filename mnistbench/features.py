@@ -74,7 +74,7 @@ class Band(NamedTuple):
 
 # Cut points of a batch sorted by extent, as fractions of its examples. On MNIST
 # batches of 128 these multiply 59% of the first layer's terms, against 81% for one
-# band. The cuts (0.75, 0.875) multiplied 63% and trained about 4% slower; a fourth
+# band. The cuts (0.75, 0.875) multiplied 63% and trained about 4% slower. A fourth
 # cut saved a few more terms, but its smaller matmuls gained little or nothing.
 BAND_CUTS = (0.5, 0.75, 0.875)
 

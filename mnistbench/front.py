@@ -4,9 +4,9 @@ The 3-tap convolution is a matmul with a small inner dimension: each run's taps 
 bias against its seed's window pixels and a row of ones (:mod:`mnistbench.windows`).
 Without pooling, a window's three pixels give one output, an inner dimension of 4.
 With pooling, one matmul computes both outputs of each pooling pair from the four
-pixels of its window (an inner dimension of 5), and the even and odd outputs lie in
-two contiguous rows, so the max-pool and its backward pass read contiguous memory.
-Either way the front computes only the windows that a batch's bands hold.
+pixels of its window, an inner dimension of 5. The even and odd outputs lie in two
+contiguous rows, so the max-pool and its backward pass read contiguous memory. Either
+way the front computes only the windows inside a batch's bands.
 
     front = run_front(block, images, bands, for_backward=True)
     front.output      # the first Linear's input, packed: (M, L)
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 class FrontPass(NamedTuple):
-    """What the front's forward pass computed; see :class:`~mnistbench.model.Trace`."""
+    """Tensors of the front's forward pass, as :class:`~mnistbench.model.Trace` keeps them."""
 
     rows: torch.Tensor
     front_in: torch.Tensor | None
@@ -86,7 +86,7 @@ def conv_taps(block: Block) -> torch.Tensor:
 
 
 def front_constant(block: Block) -> torch.Tensor:
-    """Each run's front output where a window is all zeros, ``act(b)``: ``(M, 1)``."""
+    """Return each run's front output where a window is all zeros, ``act(b)``: ``(M, 1)``."""
     return block.activation.forward_(block.params["conv_bias"].clone())
 
 

@@ -1,6 +1,6 @@
 """The convolution front's windows, packed so that a batch skips known constants.
 
-Convolution output ``i`` reads the three pixels ``i`` to ``i + 2``; with max-pooling,
+Convolution output ``i`` reads the three pixels ``i`` to ``i + 2``. With max-pooling,
 the first Linear's input ``p`` pools outputs ``2p`` and ``2p + 1``, which read the four
 pixels ``2p`` to ``2p + 3``. Those pixels form a window: 782 windows of three pixels
 without pooling, 391 of four with it. Where a window's pixels are all zero, its
@@ -43,8 +43,8 @@ ROW_ALIGNMENT = 64
 
 
 class WindowLayout(NamedTuple):
-    """How the front reads an image: ``count`` windows of ``pixels`` consecutive pixels,
-    window ``j`` starting at pixel ``stride * j``."""
+    """The windows that the front reads from an image: ``count`` windows of ``pixels``
+    consecutive pixels, window ``j`` starting at pixel ``stride * j``."""
 
     pixels: int
     stride: int
@@ -52,8 +52,8 @@ class WindowLayout(NamedTuple):
 
     @classmethod
     def of(cls, pool: bool) -> WindowLayout:
-        """The windows of the front with max-pooling (391 of 4 pixels) or without it
-        (782 of 3)."""
+        """Return the windows of the front with max-pooling (391 of 4 pixels) or without
+        it (782 of 3)."""
         pixels, stride = (4, 2) if pool else (3, 1)
         return cls(pixels, stride, (IMAGE_PIXELS - pixels) // stride + 1)
 
@@ -62,7 +62,7 @@ def arrange_windows(images: torch.Tensor, layout: WindowLayout, order: torch.Ten
                     ) -> torch.Tensor:
     """Turn uint8 images ``(..., 784)`` into their windows, uint8 ``(..., pixels * count)``.
 
-    Entry ``k * count + j`` holds pixel ``stride * order[j] + k``; None keeps window
+    Entry ``k * count + j`` contains pixel ``stride * order[j] + k``. None keeps window
     order.
     """
     pixels, stride, count = layout
@@ -93,8 +93,8 @@ class Packing(NamedTuple):
     """Where one seed's bands lie in a packed tensor of ``(runs, length)``.
 
     Band ``k``'s block covers the examples ``first`` to ``batch - 1`` and the windows
-    ``start`` to ``stop - 1`` of ``windows``, stored row-major from ``offsets[k]`` on;
-    the last offset is the packed length.
+    ``start`` to ``stop - 1`` of ``windows``. It is stored row-major from ``offsets[k]``
+    on, and the last offset is the packed length.
     """
 
     bands: tuple[Band, ...]
@@ -111,7 +111,7 @@ class Packing(NamedTuple):
 
     @classmethod
     def whole(cls, batch: int, windows: int) -> Packing:
-        """One band over every window: the plain ``(batch, windows)`` layout."""
+        """Return one band over every window: the plain ``(batch, windows)`` layout."""
         return cls.of((Band(0, 0, windows),), batch, windows)
 
     @property
@@ -234,7 +234,7 @@ def add_weight_gradient(out: torch.Tensor, packed: torch.Tensor, grad: torch.Ten
                         ) -> None:
     """Add ``alpha`` times the first layer's weight gradient to ``out`` ``(M, windows, H)``.
 
-    The packed blocks give the rows inside the bands; the rows past an example's last
+    The packed blocks give the rows inside the bands. The rows past an example's last
     band see the constant, so they add the constant times the sum of those examples'
     gradients.
     """
@@ -251,7 +251,7 @@ def add_weight_gradient(out: torch.Tensor, packed: torch.Tensor, grad: torch.Ten
 def constant_gradient(grad: torch.Tensor, tails: Sequence[torch.Tensor],
                       packings: Sequence[Packing]) -> torch.Tensor:
     """Return the gradient with respect to each run's constant, ``(M,)``: every example's
-    output gradient against the sum of the weight rows where it holds the constant."""
+    output gradient against the sum of the weight rows where its input is the constant."""
     variants = grad.shape[0] // len(packings)
     out = torch.empty(grad.shape[0], device=grad.device)
     for s, runs, packing in seed_members(packings, variants):

@@ -1,4 +1,4 @@
-"""Tests of the pooled front's windows and of the packed first layer that skips them."""
+"""Tests of the convolution front's windows and of the packed first layer that skips them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ POOLED, UNPOOLED = windows.WindowLayout.of(True), windows.WindowLayout.of(False)
 
 def test_windows_hold_the_pixels_of_each_convolution_output() -> None:
     """Pooled: the four pixels of each pooling pair; unpooled: the three of each output."""
-    assert tuple(POOLED) == (4, 2, 391) and tuple(UNPOOLED) == (3, 1, 782)
+    assert tuple(POOLED) == (4, 2, 391)
+    assert tuple(UNPOOLED) == (3, 1, 782)
     images = torch.randint(0, 256, (3, 784), generator=torch.Generator().manual_seed(0))
     images = images.to(torch.uint8)
     arranged = windows.arrange_windows(images, POOLED, None).view(3, 4, 391)
@@ -52,7 +53,8 @@ def test_packing_offsets_and_tails() -> None:
     assert packing.tail_columns() == [(10, 30, 5), (30, 40, 7), (40, 391, 8)]
     assert windows.packed_width([packing]) == 192  # a multiple of 64
     whole = windows.Packing.whole(batch=8, windows=391)
-    assert whole.length == 8 * 391 and whole.tail_columns() == []
+    assert whole.length == 8 * 391
+    assert whole.tail_columns() == []
     blocks = list(packing.blocks(torch.arange(300.0).view(2, 150)))
     assert [tuple(block.shape) for _, block in blocks] == [(2, 8, 10), (2, 3, 20), (2, 1, 10)]
     assert blocks[1][1][1, 0, 0] == 150 + 80
