@@ -498,6 +498,17 @@ def test_bands_cover_nonzero_terms(extents: list[int], expected: list[tuple]) ->
         assert covered[:extent] == list(range(extent))
 
 
+def test_evaluation_breaks_ties_at_first_class() -> None:
+    """Equal logits predict class 0, as argmax does: the engine zeroes a frozen run."""
+    data = ragged_dataset(test_size=50)
+    arranged = data.arranged_inputs(False, False)
+    block = model_module.Block([replace(BASE, width=8)], [0], "cpu", arranged.order)
+    for tensor in block.params.values():
+        tensor.zero_()
+    results = evaluation.evaluate(block, arranged.test, arranged.test_labels, "sigmoid")
+    assert results["counts"].tolist() == [[50, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+
+
 @pytest.mark.parametrize("front", ["mlp", "pool", "conv", "conv-pool"])
 def test_evaluation_does_not_depend_on_chunks(front: str, monkeypatch: pytest.MonkeyPatch
                                               ) -> None:
