@@ -207,6 +207,9 @@ def first_layer(packed: torch.Tensor, weight: torch.Tensor, constant: torch.Tens
             else:
                 target[:, first:].baddbmm_(block, w[:, start:stop])
         rows = packing.tail_rows()
+        # Each sum reads its rows afresh. Sums built up from the pieces between stops
+        # would depend on which bands a packing has, and an evaluation chunk leaves
+        # out the bands past its examples.
         sums = torch.stack([w[:, stop:].sum(dim=1) for _, _, stop in rows], dim=1)
         for (first, last, _), row_sum in zip(rows, sums.unbind(1)):
             target[:, first:last].addcmul_(constant[runs, :, None], row_sum[:, None])
