@@ -3,9 +3,9 @@
 Run with ``make bench`` (CPU) or ``make bench-gpu``. Everything is measured side by
 side in one session. On the CPU the engine runs as ``ablate`` runs it: one worker
 process per core with one torch thread each, all training at once. Its FLOP floor
-uses the matmul rate of the same workers, measured together. Without the convolution
-front the engine skips known zeros in the first layer, so a second floor counts only
-the terms it multiplies. The plain loop runs in
+uses the matmul rate of the same workers, measured together. The engine skips known
+zeros in the first layer and known constants in the convolution front, so a second
+floor counts only the terms it multiplies. The plain loop runs in
 this process with torch's default thread count, as a hand-written script would. A
 one-process, one-thread measurement of the engine against the one-thread matmul
 rate is kept beside it. The ratios are printed at the end and written to
