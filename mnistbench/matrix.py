@@ -329,6 +329,7 @@ def _check_cells(matrix: Matrix, checker: SectionChecker) -> None:
         raise checker.error("exclude", f"drops all {len(combinations)} cells, so no cell is left to run")
 
     cell_of_settings: dict[Settings, str] = {}
+    oversized = []
     for index, levels in enumerate(kept):
         try:
             cell = _make_cell(matrix, index, levels)
@@ -345,3 +346,10 @@ def _check_cells(matrix: Matrix, checker: SectionChecker) -> None:
                 f"trains the same settings as cell {twin!r}; give the bundles or levels "
                 "that differ only in name different settings, or remove one",
             )
+        subset = cell.settings.train_subset
+        if subset is not None and cell.settings.batch_size > subset:
+            oversized.append(cell.cell_id)
+    if oversized:
+        logger.warning("%s: batch_size is larger than train_subset in %d of %d cells, so "
+                       "each of their epochs is one step over the whole subset; first: %s",
+                       checker.label, len(oversized), len(kept), oversized[0])

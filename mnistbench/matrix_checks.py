@@ -88,13 +88,17 @@ def load_yaml(text: str, label: str) -> Any:
     """
     try:
         return yaml.load(text, Loader=MatrixLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as error:
+    except yaml.YAMLError as error:
+        raise MatrixError(f"{label}: {describe_yaml_error(error)}") from None
+
+
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """Describe a YAML error on one line: "invalid YAML at line L, column C: problem"."""
+    if isinstance(error, yaml.MarkedYAMLError):
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = error.problem or error.context
-        raise MatrixError(f"{label}: invalid YAML{where}: {problem}") from None
-    except yaml.YAMLError as error:
-        raise MatrixError(f"{label}: invalid YAML: {error}") from None
+        return f"invalid YAML{where}: {error.problem or error.context}"
+    return f"invalid YAML: {error}"
 
 
 def join_path(path: str, key: Any) -> str:

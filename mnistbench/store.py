@@ -93,6 +93,9 @@ class Store:
                 )
             check_store_path(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        if readonly and self.path.stat().st_size == 0:
+            raise StoreError(f"store {self.path} is empty (0 bytes); expected a store written "
+                             f"by 'mnistbench ablate'")
         try:
             if readonly:
                 uri = f"file:{self.path.resolve()}?mode=ro"

@@ -25,6 +25,7 @@ import yaml
 from mnistbench.baseline import CellRuns
 from mnistbench.errors import CheckInputError
 from mnistbench.matrix import format_level
+from mnistbench.matrix_checks import describe_yaml_error
 from mnistbench.settings import describe, suggest
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def load_thresholds(path: Path) -> Thresholds:
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader subclass
     except yaml.YAMLError as error:
-        raise CheckInputError(f"{path}: invalid YAML: {error}") from None
+        raise CheckInputError(f"{path}: {describe_yaml_error(error)}") from None
     return parse_thresholds(data, str(path))
 
 

@@ -200,8 +200,12 @@ rules:
     pytest.param("rules: {select: all}\n", r"rules: expected a list of rules", id="rules-mapping"),
     pytest.param("- 1\n", r"expected a mapping with keys ablation, tolerance, rules",
                  id="top-level-list"),
-    pytest.param("rules: []\nrules: []\n", r"invalid YAML: .*duplicated key 'rules'",
+    pytest.param("rules: []\nrules: []\n",
+                 r"invalid YAML at line 2, column 1: duplicated key 'rules'$",
                  id="duplicated-key"),
+    pytest.param("rules: [ {select: all, min_median_accuracy: 0.5\n",
+                 r"invalid YAML at line 2, column 1: expected ',' or '}', but got "
+                 r"'<stream end>'$", id="unclosed-flow"),
 ])
 def test_invalid_thresholds_rejected(good_store: Path, tmp_path: Path, text: str,
                                      message: str) -> None:

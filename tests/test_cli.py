@@ -15,6 +15,7 @@ import pytest
 from mnistbench import idx
 from mnistbench.cli import Terminated, main, raise_terminated
 from mnistbench.cli import matrix as cli_matrix
+from mnistbench.cli.ablate import describe_seeds
 
 # A script that parses its argv[1:] like the `mnistbench` command, without running the
 # subcommand, and prints whether torch was imported.
@@ -219,3 +220,13 @@ def test_cell_table_lists_every_collapse_class(tmp_path: Path,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("collapse classes")
     assert lines[1].endswith("7 (2 runs), 4 (1 run)")
+
+
+@pytest.mark.parametrize("seeds, expected", [
+    ([3], "3"),
+    ([0, 1, 2, 3], "0-3"),
+    ([0, 3], "0, 3"),
+    ([0, 2, 4, 6, 8, 10, 12], "0, 2, 4, 6, 8, 10, ... (7 seeds)"),
+])
+def test_dry_run_seed_description(seeds: list[int], expected: str) -> None:
+    assert describe_seeds(seeds) == expected

@@ -130,6 +130,15 @@ def test_train_setting_that_a_factor_sets_is_reported(tmp_path, caplog):
         f"sets width in every cell"]  # lr 0.1 still reaches the mlp cells: no warning
 
 
+def test_batch_larger_than_subset_is_reported(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="mnistbench.matrix")
+    load(tmp_path, "train: {train_subset: 2000}\nfactors:\n  batch_size: [128, 5000]\n")
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path / 'matrix.yaml'}: batch_size is larger than train_subset in 1 of 2 "
+        f"cells, so each of their epochs is one step over the whole subset; first: "
+        f"batch_size=5000"]
+
+
 def test_cell_levels_are_read_only(tmp_path):
     cell = load(tmp_path, "factors:\n  width: [10]\n").cells()[0]
 

@@ -136,6 +136,8 @@ def test_readonly_store_is_not_modified(tmp_path: Path) -> None:
     pytest.param(None, r"store not found: .*missing\.sqlite; run 'mnistbench ablate", id="missing"),
     pytest.param(b"hello, not a database" * 100, r"cannot open store .*file is not a database",
                  id="not-sqlite"),
+    pytest.param(b"", r"store .*missing\.sqlite is empty \(0 bytes\); expected a store "
+                      r"written by 'mnistbench ablate'", id="empty"),
 ])
 def test_bad_store_files_are_rejected(tmp_path: Path, content: bytes | None,
                                       message: str) -> None:

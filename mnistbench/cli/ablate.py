@@ -194,8 +194,8 @@ def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
           f"{len(plan.stacks)} stacks on {plan.device} with {workers} workers")
     for index, stack in enumerate(plan.stacks):
         settings = stack[0].settings
-        seeds = sorted({m.seed for m in stack})
-        print(f"  stack {index:3d}: {len(stack):4d} runs, seeds {seeds[0]}-{seeds[-1]}, "
+        seeds = describe_seeds(sorted({m.seed for m in stack}))
+        print(f"  stack {index:3d}: {len(stack):4d} runs, seeds {seeds}, "
               f"activation={settings.activation} conv={settings.conv} pool={settings.pool} "
               f"width={settings.width} epochs={settings.epochs}")
     if store is not None:
@@ -227,3 +227,12 @@ def print_cell_table(store: Store, ablation: str) -> None:
         accuracy_text = f"{accuracy:10.4f}" if accuracy == accuracy else f"{'-':>10}"
         print(f"{cell_id:<{width}}  {n:4d}  {converged:9.0%}  {collapsed:9.0%}  "
               f"{diverged:8.0%}  {accuracy_text}  {top}")
+
+
+def describe_seeds(seeds: list[int]) -> str:
+    """Describe ascending seed indexes as a range when they are consecutive, else as a
+    list of at most six."""
+    if seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    listed = ", ".join(str(seed) for seed in seeds[:6])
+    return listed if len(seeds) <= 6 else f"{listed}, ... ({len(seeds)} seeds)"
