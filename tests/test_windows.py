@@ -83,6 +83,25 @@ def dense_inputs(packed: torch.Tensor, constant: torch.Tensor, packings, variant
     return dense
 
 
+@pytest.mark.parametrize("layout", [POOLED, UNPOOLED], ids=["pooled", "unpooled"])
+def test_whole_packing_rows_are_the_plain_layout(layout: windows.WindowLayout) -> None:
+    pixels, bands = ragged_windows(2, 8)
+    if layout == UNPOOLED:
+        pixels = torch.randint(0, 256, (2, 8, 3 * 782), dtype=torch.uint8)
+    whole = [windows.Packing.whole(8, layout.count)] * 2
+    rows = windows.packed_rows(pixels, layout, whole)
+    length = 8 * layout.count
+    expected = pixels.view(2, 8, layout.pixels, layout.count).transpose(1, 2)
+    expected = expected.reshape(2, layout.pixels, length) * (1.0 / 255.0)
+    assert torch.equal(rows[:, :layout.pixels, :length], expected)
+    assert bool((rows[:, layout.pixels, :length] == 1).all())
+    assert bool((rows[:, :, length:] == 0).all())
+    # With another packing beside it, the whole one is packed seed by seed, to the same rows.
+    narrow = windows.Packing.of((Band(0, 0, 10),), 8, layout.count)
+    per_seed = windows.packed_rows(pixels, layout, [whole[0], narrow])
+    assert torch.equal(per_seed[0], rows[0])
+
+
 def test_packed_first_layer_equals_the_dense_product() -> None:
     """Inside the bands the packed inputs, outside them the constant: as one product."""
     seeds, variants, batch = 2, 3, 16
