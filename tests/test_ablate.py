@@ -173,6 +173,8 @@ def test_dry_run_trains_nothing(tiny_matrix: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "4 cells x 4 seeds = 16 runs" in result.stdout
     assert "to train: 16 runs, 16 model-epochs" in result.stdout
+    assert re.search(r"stack +0: +\d+ runs, seeds 0-3, activation=\w+ conv=(true|false) "
+                     r"pool=(true|false) width=\d+ epochs=1", result.stdout), result.stdout
     assert not store_path.exists()
 
 

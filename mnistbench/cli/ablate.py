@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from mnistbench.cli import raise_terminated
 from mnistbench.errors import MnistbenchError
+from mnistbench.settings import format_level
 
 if TYPE_CHECKING:
     from mnistbench.distributed import Shard
@@ -196,8 +197,9 @@ def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
         settings = stack[0].settings
         seeds = describe_seeds(sorted({m.seed for m in stack}))
         print(f"  stack {index:3d}: {len(stack):4d} runs, seeds {seeds}, "
-              f"activation={settings.activation} conv={settings.conv} pool={settings.pool} "
-              f"width={settings.width} epochs={settings.epochs}")
+              f"activation={settings.activation} conv={format_level(settings.conv)} "
+              f"pool={format_level(settings.pool)} width={settings.width} "
+              f"epochs={settings.epochs}")
     if store is not None:
         store.close()
     return 0
