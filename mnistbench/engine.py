@@ -36,9 +36,9 @@ from mnistbench.features import (arrange_features, feature_order, nonzero_extent
 from mnistbench.matrix import Criteria, Settings
 from mnistbench.model import Block, structure_of
 from mnistbench.optimizers import Optimizer
-from mnistbench.windows import WindowLayout, arrange_windows, window_maxima, window_order
 from mnistbench.outcome import EpochRecord, RunResult, outcome_of_counts
 from mnistbench.seeds import generator
+from mnistbench.windows import WindowLayout, arrange_windows, window_maxima, window_order
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +153,12 @@ def _arrange_in_chunks(images: torch.Tensor, arrange, *args) -> torch.Tensor:
     Arranging 60,000 images at once held two full-size temporaries, 0.4 GB for the
     unpooled front's windows.
     """
-    chunks = range(0, images.shape[0], 10_000)
     first = arrange(images[:10_000], *args)
     out = torch.empty(images.shape[0], *first.shape[1:], dtype=first.dtype,
                       device=first.device)
-    for start in chunks:
-        out[start:start + 10_000] = first if start == 0 else arrange(
-            images[start:start + 10_000], *args)
+    out[:10_000] = first
+    for start in range(10_000, images.shape[0], 10_000):
+        out[start:start + 10_000] = arrange(images[start:start + 10_000], *args)
     return out
 
 
