@@ -35,9 +35,9 @@ class Gradients:
     product ``torch.bmm(a, b)`` is the first layer's weight gradient, or None once
     that gradient is in ``params["weight1"]``. With ``bands`` (per seed, as in
     :class:`~mnistbench.model.Trace`), ``a[s]`` is zero outside its seed's bands, and
-    the products skip the rest. With ``packings`` (the pooled front's, as in the
-    trace), ``a`` is the packed input and ``constant`` each run's value outside it;
-    see :func:`~mnistbench.windows.add_weight_gradient`.
+    the products skip the rest. With ``packings`` (the convolution front's, as in the
+    trace), ``a`` is the packed input and ``constant`` each run's value outside it.
+    :func:`~mnistbench.windows.add_weight_gradient` describes that product.
     """
 
     params: dict[str, torch.Tensor]
@@ -177,8 +177,8 @@ def _front_gradients(block: Block, trace: Trace, grads: dict[str, torch.Tensor],
         grads["conv_weight"] = even[:, :CONV_TAPS] + odd[:, 1:CONV_TAPS + 1]
         grads["conv_bias"] = even[:, CONV_TAPS + 1:] + odd[:, CONV_TAPS + 1:]
     if trace.bands is not None:
-        # Outside the packed windows every output equals the bias (with pooling the
-        # even one passes the gradient on): act'(b) times the constant's gradient.
+        # Outside the packed windows every output equals the bias, and with pooling the
+        # even output passes the gradient on. The bias gets act'(b) times its share.
         bias = block.params["conv_bias"]
         slope = act.backward(torch.ones_like(bias), result.constant, bias)
         grads["conv_bias"] += slope * constant_gradient(grad, trace.tails, packings)[:, None]

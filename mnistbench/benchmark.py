@@ -37,8 +37,8 @@ def example_flops(settings: Settings, *, train: bool, share: float = 1.0) -> flo
     Linear layers, the input gradient of the second, and of the first only when the
     convolution front needs it. Element-wise work (activations, loss, optimizer) is
     left out, so the count is a floor. ``share`` is the fraction of the first layer's
-    inputs that are multiplied, and of the front's windows that are computed; see
-    :func:`multiplied_shares`.
+    inputs that are multiplied, and of the front's windows that are computed, as
+    :func:`multiplied_shares` returns it.
     """
     n, width = settings.input_features(), settings.width
     conv = 2 * CONV_TAPS * (IMAGE_PIXELS - CONV_TAPS + 1) * share if settings.conv else 0
@@ -56,7 +56,7 @@ def model_epoch_flops(settings: Settings, train_size: int = 60_000, test_size: i
     """FLOPs of one model-epoch: training on ``train_size`` examples plus test evaluations.
 
     ``shares`` are the fractions of the first layer's inputs that are multiplied in
-    training and in evaluation; see :func:`multiplied_shares`. The default counts
+    training and in evaluation, from :func:`multiplied_shares`. The default counts
     every term.
     """
     train = example_flops(settings, train=True, share=shares[0])

@@ -40,7 +40,7 @@ def feature_order(train_images: torch.Tensor, pool: bool) -> torch.Tensor:
 def order_by_nonzero(train_images: torch.Tensor,
                      features_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Order the features that ``features_of`` makes of uint8 images ``(N, 784)``, from
-    most to least often nonzero; ties keep their order."""
+    most to least often nonzero. Ties keep their order."""
     nonzero = None
     for start in range(0, train_images.shape[0], 10_000):  # bounds the temporaries
         counts = (features_of(train_images[start:start + 10_000]) != 0).sum(dim=0)

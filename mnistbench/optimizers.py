@@ -74,8 +74,8 @@ class Optimizer:
             param.addcdiv_(entry["lr"] * m_hat, v_hat.sqrt_().add_(ADAM_EPS), value=-1.0)
 
     def _step_factored(self, param: torch.Tensor, entry: dict, gradients: Gradients) -> None:
-        """SGD on the first layer's weight, whose gradient is still in factors ``a @ b``
-        and is accumulated inside the matmul.
+        """Apply SGD to the first layer's weight, whose gradient is still in factors
+        ``a @ b`` and is accumulated inside the matmul.
 
         The learning rate scales ``b``'s columns (or batches) per member, so the
         update needs no pass over the weights beyond the matmul's own.

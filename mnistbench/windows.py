@@ -83,14 +83,14 @@ def window_maxima(windows: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
 def window_order(train_images: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
     """Order the windows from most to least often nonzero in uint8 ``(N, 784)`` images.
 
-    Returns int64 ``(count,)``, a permutation; ties keep window order.
+    Returns int64 ``(count,)``, a permutation. Ties keep window order.
     """
     return order_by_nonzero(
         train_images, lambda chunk: window_maxima(arrange_windows(chunk, layout, None), layout))
 
 
 class Packing(NamedTuple):
-    """Where one seed's bands lie in a packed tensor of ``(runs, length)``.
+    """The place of one seed's bands in a packed tensor of ``(runs, length)``.
 
     Band ``k``'s block covers the examples ``first`` to ``batch - 1`` and the windows
     ``start`` to ``stop - 1`` of ``windows``. It is stored row-major from ``offsets[k]``
@@ -128,12 +128,12 @@ class Packing(NamedTuple):
 
     def tail_rows(self) -> list[tuple[int, int, int]]:
         """Return ``(first, last, stop)``: examples ``first`` to ``last - 1`` are packed up
-        to window ``stop``, and hold the constant from there on."""
+        to window ``stop``, and contain the constant from there on."""
         lasts = [band.first for band in self.bands[1:]] + [self.batch]
         return [(band.first, last, band.stop) for band, last in zip(self.bands, lasts)]
 
     def tail_columns(self) -> list[tuple[int, int, int]]:
-        """Return ``(start, stop, examples)``: windows ``start`` to ``stop - 1`` hold the
+        """Return ``(start, stop, examples)``: windows ``start`` to ``stop - 1`` contain the
         constant for the batch's first ``examples`` examples."""
         stops = [band.stop for band in self.bands] + [self.windows]
         lasts = [band.first for band in self.bands[1:]] + [self.batch]

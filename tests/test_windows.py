@@ -13,8 +13,9 @@ WIDTH = 6
 POOLED, UNPOOLED = windows.WindowLayout.of(True), windows.WindowLayout.of(False)
 
 
-def test_windows_hold_the_pixels_of_each_convolution_output() -> None:
-    """Pooled: the four pixels of each pooling pair; unpooled: the three of each output."""
+def test_windows_contain_output_pixels() -> None:
+    """Pooled windows contain the four pixels of each pooling pair, unpooled ones the
+    three pixels of each output."""
     assert tuple(POOLED) == (4, 2, 391)
     assert tuple(UNPOOLED) == (3, 1, 782)
     images = torch.randint(0, 256, (3, 784), generator=torch.Generator().manual_seed(0))
@@ -30,7 +31,7 @@ def test_windows_hold_the_pixels_of_each_convolution_output() -> None:
         assert unpooled[:, :, i].tolist() == images[:, i:i + 3].tolist()
 
 
-def test_window_order_counts_windows_with_any_nonzero_pixel() -> None:
+def test_window_order_counts_nonzero_windows() -> None:
     images = torch.zeros(4, 784, dtype=torch.uint8)
     images[:, 101] = 5  # pixel 101 lies in windows 49 and 50, in all four images
     images[:3, 10] = 1  # windows 4 and 5, three images
@@ -84,7 +85,7 @@ def dense_inputs(packed: torch.Tensor, constant: torch.Tensor, packings, variant
 
 
 @pytest.mark.parametrize("layout", [POOLED, UNPOOLED], ids=["pooled", "unpooled"])
-def test_whole_packing_rows_are_the_plain_layout(layout: windows.WindowLayout) -> None:
+def test_whole_packing_gives_plain_rows(layout: windows.WindowLayout) -> None:
     pixels, bands = ragged_windows(2, 8)
     if layout == UNPOOLED:
         pixels = torch.randint(0, 256, (2, 8, 3 * 782), dtype=torch.uint8)
@@ -102,7 +103,7 @@ def test_whole_packing_rows_are_the_plain_layout(layout: windows.WindowLayout) -
     assert torch.equal(per_seed[0], rows[0])
 
 
-def test_packed_first_layer_equals_the_dense_product() -> None:
+def test_packed_first_layer_equals_dense() -> None:
     """Inside the bands the packed inputs, outside them the constant: as one product."""
     seeds, variants, batch = 2, 3, 16
     members = seeds * variants
@@ -142,9 +143,9 @@ def test_packed_first_layer_equals_the_dense_product() -> None:
 
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "gelu"])
-def test_activation_values_do_not_depend_on_their_position(activation: str) -> None:
-    """torch computes the values past a tensor's last SIMD vector by a scalar formula;
-    the activations compute every value by the vector one."""
+def test_activation_ignores_value_position(activation: str) -> None:
+    """torch computes the values past a tensor's last SIMD vector by a scalar formula.
+    The activations compute every value by the vector one."""
     act = ACTIVATIONS[activation]
     generator = torch.Generator().manual_seed(4)
     values = torch.randn(4 * VECTOR_MULTIPLE, generator=generator)
