@@ -161,8 +161,9 @@ def _front_gradients(block: Block, trace: Trace, grads: dict[str, torch.Tensor],
         plain = batch * weight.shape[1]
         factors = (trace.first_input[:, :plain].view(members, batch, -1).transpose(1, 2), grad)
         result = Gradients(grads, factors)
-        inputs_grad = torch.zeros_like(trace.first_input)
+        inputs_grad = torch.empty_like(trace.first_input)
         inputs_grad[:, :plain] = block.matmul(grad, weight.transpose(1, 2)).view(members, -1)
+        inputs_grad[:, plain:] = 0.0
     else:
         constant = front_constant(block)
         result = Gradients(grads, (trace.first_input, grad), trace.bands, packings, constant)
