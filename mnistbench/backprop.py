@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mnistbench import native
 from mnistbench.features import Band
 from mnistbench.front import front_constant
 from mnistbench.initialization import CONV_TAPS
@@ -168,7 +169,11 @@ def _front_gradients(block: Block, trace: Trace, grads: dict[str, torch.Tensor],
         constant = front_constant(block)
         result = Gradients(grads, (trace.first_input, grad), trace.bands, packings, constant)
         inputs_grad = input_gradient(grad, weight, packings)  # (M, L)
-    if not block.pool:
+    if trace.rows.dtype == torch.uint8:  # the compiled kernels read the windows
+        sums = _native_taps_sums(block, trace, inputs_grad)
+        grads["conv_weight"] = sums[:, :CONV_TAPS].contiguous()
+        grads["conv_bias"] = sums[:, CONV_TAPS:].contiguous()
+    elif not block.pool:
         shares = act.backward(inputs_grad, trace.front_out, trace.front_in)
         sums = _taps_sums(block, shares[:, None], trace.rows, packings)[:, 0]  # (M, 4)
         grads["conv_weight"] = sums[:, :CONV_TAPS].contiguous()
@@ -186,6 +191,34 @@ def _front_gradients(block: Block, trace: Trace, grads: dict[str, torch.Tensor],
     return result
 
 
+def _native_taps_sums(block: Block, trace: Trace, inputs_grad: torch.Tensor) -> torch.Tensor:
+    """Return the taps' and the bias's gradients ``(M, 4)`` from the compiled kernels,
+    from the gradient ``(M, L)`` with respect to the first Linear's packed inputs."""
+    act, name = block.activation, block.settings[0].activation
+    inputs = (trace.rows, block.layout, trace.packings, block.params["conv_weight"],
+              block.params["conv_bias"])
+    if block.pool and not act.monotone:
+        shares = _pair_shares(block, trace, inputs_grad)
+        return native.front_sums(*inputs, "pair", shares[:, 0], other=shares[:, 1])
+    mode = "max" if block.pool else "plain"
+    if name in native.DERIVATIVES:  # the kernel applies the derivative as it sums
+        return native.front_sums(*inputs, mode, inputs_grad, activation=name,
+                                 output=trace.front_out)
+    shares = act.backward(inputs_grad, trace.front_out, trace.front_in)
+    return native.front_sums(*inputs, mode, shares)
+
+
+def _pair_shares(block: Block, trace: Trace, inputs_grad: torch.Tensor) -> torch.Tensor:
+    """Return the gradient ``(M, 2, L)`` with respect to the even and the odd outputs
+    before an activation that does not commute with pooling: the pooled unit passes
+    its gradient to the larger of its pair, the even one on a tie."""
+    shares = torch.empty(block.members, 2, inputs_grad.shape[1], device=inputs_grad.device)
+    odd_share = torch.ops.aten.threshold_backward(inputs_grad, trace.pool_gap, 0)
+    torch.sub(inputs_grad, odd_share, out=shares[:, 0])
+    shares[:, 1] = odd_share
+    return block.activation.backward(shares, trace.front_out, trace.front_in, out=shares)
+
+
 def _pooled_taps_sums(block: Block, trace: Trace, inputs_grad: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the even and the odd outputs' gradient against a window's rows, ``(M, 5)``
@@ -195,8 +228,8 @@ def _pooled_taps_sums(block: Block, trace: Trace, inputs_grad: torch.Tensor
     rows 1-3.
     """
     act = block.activation
-    shares = torch.empty(block.members, 2, inputs_grad.shape[1], device=inputs_grad.device)
     if act.monotone:
+        shares = torch.empty(block.members, 2, inputs_grad.shape[1], device=inputs_grad.device)
         # Pooled before the activation: the pooled unit passes its gradient to the
         # larger of its pair, the even one on a tie. Row 0 contains the whole gradient
         # and row 1 the odd share, so the even share is row 0 minus row 1.
@@ -205,11 +238,8 @@ def _pooled_taps_sums(block: Block, trace: Trace, inputs_grad: torch.Tensor
             shares[:, 0], trace.pool_gap, 0, grad_input=shares[:, 1])
         sums = _taps_sums(block, shares, trace.rows, trace.packings)  # (M, 2, 5)
         return sums[:, 0] - sums[:, 1], sums[:, 1]
-    odd_share = torch.ops.aten.threshold_backward(inputs_grad, trace.pool_gap, 0)
-    torch.sub(inputs_grad, odd_share, out=shares[:, 0])
-    shares[:, 1] = odd_share
-    act.backward(shares, trace.front_out, trace.front_in, out=shares)
-    sums = _taps_sums(block, shares, trace.rows, trace.packings)
+    sums = _taps_sums(block, _pair_shares(block, trace, inputs_grad), trace.rows,
+                      trace.packings)
     return sums[:, 0], sums[:, 1]
 
 

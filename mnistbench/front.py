@@ -1,12 +1,12 @@
 """The convolution front: ``Conv1d(1, 1, 3)`` and its activation, with or without pooling.
 
-The 3-tap convolution is a matmul with a small inner dimension: each run's taps and
-bias against its seed's window pixels and a row of ones (:mod:`mnistbench.windows`).
-Without pooling, a window's three pixels give one output, an inner dimension of 4.
-With pooling, one matmul computes both outputs of each pooling pair from the four
-pixels of its window, an inner dimension of 5. The even and odd outputs lie in two
-contiguous rows, so the max-pool and its backward pass read contiguous memory. Either
-way the front computes only the windows inside a batch's bands.
+Without pooling, a window's three pixels give one output. With pooling, a window of
+four pixels gives both outputs of a pooling pair. On the CPU the compiled kernels of
+:mod:`mnistbench.native` compute the outputs straight from the uint8 windows, pooled
+in the same pass. Elsewhere (a GPU, or a CPU without a C compiler) the convolution is
+a matmul with a small inner dimension: each run's taps and bias against its seed's
+window pixels and a row of ones (:mod:`mnistbench.windows`). Either way the front
+computes only the windows inside a batch's bands.
 
     front = run_front(block, images, bands, for_backward=True)
     front.output      # the first Linear's input, packed: (M, L)
@@ -20,14 +20,19 @@ import torch
 
 from mnistbench.features import Band
 from mnistbench.initialization import CONV_TAPS
-from mnistbench.windows import Packing, packed_rows, seed_members
+from mnistbench import native
+from mnistbench.windows import Packing, packed_rows, packed_width, seed_members
 
 if TYPE_CHECKING:
     from mnistbench.model import Block
 
 
 class FrontPass(NamedTuple):
-    """Tensors of the front's forward pass, as :class:`~mnistbench.model.Trace` keeps them."""
+    """Tensors of the front's forward pass, as :class:`~mnistbench.model.Trace` keeps them.
+
+    ``rows`` is the packed float inputs of the matmul, or with the compiled kernels the
+    batch's uint8 windows, which they read again in the backward pass.
+    """
 
     rows: torch.Tensor
     front_in: torch.Tensor | None
@@ -47,6 +52,8 @@ def run_front(block: Block, images: torch.Tensor, bands: list[tuple[Band, ...]] 
         packings = [Packing.whole(batch, count)] * seeds
     else:
         packings = [Packing.of(seed_bands, batch, count) for seed_bands in bands]
+    if uses_native(block):
+        return _native_front(block, images, packings, for_backward)
     if images.stride(0) == 0:  # one batch for every seed, as in evaluation
         rows = packed_rows(images[:1], block.layout, packings[:1]).expand(seeds, -1, -1)
     else:
@@ -61,12 +68,49 @@ def run_front(block: Block, images: torch.Tensor, bands: list[tuple[Band, ...]] 
         gap = odd - even if for_backward else None
         front_out = output = act.forward_(torch.maximum(even, odd))  # (M, L)
     else:
-        front_out = act.forward_(front_in)
-        even, odd = front_out[:, 0], front_out[:, 1]
-        gap = odd - even if for_backward else None
-        output = torch.maximum(even, odd)
+        front_in, front_out, gap, output = _activate_pairs(act, front_in, for_backward)
     return FrontPass(rows, front_in if act.needs_input else None, front_out, gap, output,
                      packings)
+
+
+def uses_native(block: Block) -> bool:
+    """Whether the block's front runs in the compiled kernels (:mod:`mnistbench.native`)."""
+    return block.device.type == "cpu" and native.available()
+
+
+def _native_front(block: Block, images: torch.Tensor, packings: list[Packing],
+                  for_backward: bool) -> FrontPass:
+    """The front in the compiled kernels, which read the uint8 windows themselves: the
+    pass keeps them as its ``rows``."""
+    act, members = block.activation, block.members
+    width = packed_width(packings)
+    taps, bias = block.params["conv_weight"], block.params["conv_bias"]
+    gap = None
+    if not block.pool:
+        front_in = torch.empty(members, width)
+        native.front_forward(images, block.layout, packings, taps, bias, "plain", front_in)
+        front_out = output = act.forward_(front_in)
+    elif act.monotone:  # the backward kernel computes the pairs again to route them
+        pooled = torch.empty(members, width)
+        native.front_forward(images, block.layout, packings, taps, bias, "max", pooled)
+        front_in, front_out = None, act.forward_(pooled)
+        output = front_out
+    else:
+        front_in = torch.empty(members, 2, width)
+        native.front_forward(images, block.layout, packings, taps, bias, "pair",
+                             front_in[:, 0], front_in[:, 1])
+        front_in, front_out, gap, output = _activate_pairs(act, front_in, for_backward)
+    return FrontPass(images, front_in if act.needs_input else None, front_out, gap, output,
+                     packings)
+
+
+def _activate_pairs(act, front_in: torch.Tensor, for_backward: bool):
+    """Activate both outputs of each pooled pair ``(M, 2, L)``, then pool them: for an
+    activation that does not commute with max-pooling."""
+    front_out = act.forward_(front_in)
+    even, odd = front_out[:, 0], front_out[:, 1]
+    gap = odd - even if for_backward else None
+    return front_in, front_out, gap, torch.maximum(even, odd)
 
 
 def conv_taps(block: Block) -> torch.Tensor:

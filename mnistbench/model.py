@@ -60,21 +60,23 @@ class Trace:
     With the front, ``L`` is the :func:`~mnistbench.windows.packed_width` of its
     packings.
 
-    - ``rows``: the convolution's packed inputs, (S, pixels + 1, L), or None without
-      the front.
+    - ``rows``: the convolution's packed inputs, (S, pixels + 1, L), or with the
+      compiled kernels (:mod:`mnistbench.native`) the batch's uint8 windows,
+      (S, B, pixels * count). None without the front.
     - ``front_in``: the front's pre-activation, (M, outputs, L), kept only when the
       activation's derivative needs it.
     - ``front_out``: the front's activated output, (M, L), or (M, 2, L) when pooled
       after the activation.
-    - ``pool_gap``: (M, L), each pair's odd value minus its even value, when pooled.
+    - ``pool_gap``: (M, L), each pair's odd value minus its even value, when pooled
+      (None where the compiled kernels compute the pairs again in the backward pass).
     - ``first_input``: the first Linear's input, (S, B, n) shared by a seed's runs, or
       packed (M, L) with the front.
     - ``bands``: per seed, the :class:`~mnistbench.features.Band` pieces that the first
       Linear multiplied, or None when it multiplied everything.
     - ``packings``: with the front, per seed, the :class:`~mnistbench.windows.Packing`
       of its windows (one whole band without ``bands``).
-    - ``tails``: with the front and ``bands``, per seed, the sums of the weight rows
-      that each example group left out, ``(V, bands, H)``.
+    - ``tails``: with the front and ``bands``, the sums of each run's weight rows past
+      each band's stop, ``(M, bands, H)``.
     - ``pre``: (M, B, H) hidden pre-activation, kept only when needed.
     - ``hidden``, ``keep``, ``dropped``: its activation, the dropout scale (or None),
       and the hidden units after dropout.
@@ -88,7 +90,7 @@ class Trace:
     first_input: torch.Tensor
     bands: list[tuple[Band, ...]] | None
     packings: list[Packing] | None
-    tails: list[torch.Tensor] | None
+    tails: torch.Tensor | None
     pre: torch.Tensor | None
     hidden: torch.Tensor
     keep: torch.Tensor | None

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from mnistbench import native
 from mnistbench.features import IMAGE_PIXELS, Band, order_by_nonzero
 
 # Packed rows are a multiple of this many floats long. MKL's result can depend on how
@@ -192,7 +193,7 @@ def seed_members(packings: Sequence[Packing], variants: int
 
 
 def first_layer(packed: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor,
-                packings: Sequence[Packing]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                packings: Sequence[Packing]) -> tuple[torch.Tensor, torch.Tensor]:
     """Multiply each run's packed inputs by its first-layer weights: ``(M, B, H)``.
 
     Args:
@@ -201,13 +202,13 @@ def first_layer(packed: torch.Tensor, weight: torch.Tensor, constant: torch.Tens
         constant: ``(M, 1)``, each run's ``act(b)``.
 
     Returns:
-        The product without the bias, and per seed the sums of the weight rows past each
-        band's stop, ``(V, bands, H)``, which the backward pass needs.
+        The product without the bias, and the sums of each run's weight rows past each
+        band's stop, ``(M, bands, H)``, zero for the bands its seed lacks, which the
+        backward pass needs.
     """
     members, batch, width = weight.shape[0], packings[0].batch, weight.shape[2]
     variants = members // len(packings)
     out = torch.empty(members, batch, width, device=weight.device)
-    tails = []
     for _, runs, packing in seed_members(packings, variants):
         target, w = out[runs], weight[runs]
         for k, ((first, start, stop), block) in enumerate(packing.blocks(packed[runs])):
@@ -215,15 +216,26 @@ def first_layer(packed: torch.Tensor, weight: torch.Tensor, constant: torch.Tens
                 torch.bmm(block, w[:, start:stop], out=target)
             else:
                 target[:, first:].baddbmm_(block, w[:, start:stop])
+    if _native(weight):
+        return out, native.first_layer_tails(weight, out, constant, packings)
+    tails = torch.zeros(members, max(len(p.bands) for p in packings), width,
+                        device=weight.device)
+    for _, runs, packing in seed_members(packings, variants):
+        target, w = out[runs], weight[runs]
         rows = packing.tail_rows()
         # Each sum reads its rows afresh. Sums built up from the pieces between stops
         # would depend on which bands a packing has, and an evaluation chunk leaves
         # out the bands past its examples.
-        sums = torch.stack([w[:, stop:].sum(dim=1) for _, _, stop in rows], dim=1)
-        for (first, last, _), row_sum in zip(rows, sums.unbind(1)):
-            target[:, first:last].addcmul_(constant[runs, :, None], row_sum[:, None])
-        tails.append(sums)
+        sums = tails[runs, :len(rows)]
+        for k, (first, last, stop) in enumerate(rows):
+            torch.sum(w[:, stop:], dim=1, out=sums[:, k])
+            target[:, first:last].addcmul_(constant[runs, :, None], sums[:, k, None])
     return out, tails
+
+
+def _native(tensor: torch.Tensor) -> bool:
+    """Whether the compiled kernels (:mod:`mnistbench.native`) handle this tensor's work."""
+    return tensor.device.type == "cpu" and native.available()
 
 
 def input_gradient(grad: torch.Tensor, weight: torch.Tensor, packings: Sequence[Packing]
@@ -255,19 +267,28 @@ def add_weight_gradient(out: torch.Tensor, packed: torch.Tensor, grad: torch.Ten
         target, g = out[runs], grad[runs]
         for (first, start, stop), block in packing.blocks(packed[runs]):
             target[:, start:stop].baddbmm_(block.transpose(1, 2), g[:, first:], alpha=alpha)
+    if _native(out):
+        native.first_layer_weight_tails(out, grad, constant, packings, alpha)
+        return
+    for _, runs, packing in seed_members(packings, variants):
+        target, g = out[runs], grad[runs]
         for start, stop, examples in packing.tail_columns():
             summed = g[:, :examples].sum(dim=1, keepdim=True).mul_(constant[runs, :, None])
             target[:, start:stop].add_(summed, alpha=alpha)
 
 
-def constant_gradient(grad: torch.Tensor, tails: Sequence[torch.Tensor],
-                      packings: Sequence[Packing]) -> torch.Tensor:
+def constant_gradient(grad: torch.Tensor, tails: torch.Tensor, packings: Sequence[Packing]
+                      ) -> torch.Tensor:
     """Return the gradient with respect to each run's constant, ``(M,)``: every example's
-    output gradient against the sum of the weight rows where its input is the constant."""
+    output gradient against the sum of the weight rows where its input is the constant
+    (``tails`` from :func:`first_layer`)."""
+    if _native(grad):
+        return native.constant_gradient(grad, tails, packings)
     variants = grad.shape[0] // len(packings)
     out = torch.empty(grad.shape[0], device=grad.device)
-    for s, runs, packing in seed_members(packings, variants):
+    for _, runs, packing in seed_members(packings, variants):
+        rows = packing.tail_rows()
         group_sums = torch.stack([grad[runs, first:last].sum(dim=1)
-                                  for first, last, _ in packing.tail_rows()], dim=1)
-        out[runs] = (group_sums * tails[s]).sum(dim=(1, 2))
+                                  for first, last, _ in rows], dim=1)
+        out[runs] = (group_sums * tails[runs, :len(rows)]).sum(dim=(1, 2))
     return out

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mnistbench import evaluation, features, windows
+from mnistbench import evaluation, features, native, windows
 from mnistbench import model as model_module
 from mnistbench.engine import DeviceData, Member, _grad_norms, train_stack
 from mnistbench.matrix import Criteria, Settings
@@ -547,7 +547,8 @@ def test_evaluation_does_not_depend_on_chunks(front: str, monkeypatch: pytest.Mo
 def test_dense_first_layer_matches_the_zero_skipping_one(front: str,
                                                          monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
-    """A GPU multiplies every term; forced on the CPU, that path trains the same runs.
+    """A GPU multiplies every term in torch's operations; forced on the CPU, that path
+    trains the same runs.
 
     The runs have no dropout: the GPU path does not sort a batch, so its dropout masks
     would fall on other examples.
@@ -570,6 +571,7 @@ def test_dense_first_layer_matches_the_zero_skipping_one(front: str,
 
     monkeypatch.setattr(model_module.Block, "__init__", dense_init)
     monkeypatch.setattr(model_module.Block, "forward", forward)
+    monkeypatch.setattr(native, "available", lambda: False)  # a GPU runs torch's front
     dense = train_stack(members, data, Criteria(), PROVENANCE)
     assert len(bands_seen) > 32 and all(bands is None for bands in bands_seen)
     for a, b in zip(skipping, dense):

@@ -1,0 +1,302 @@
+"""Compiled kernels for the convolution front on the CPU, with torch's operations as the fallback.
+
+In torch's operations, the front's element-wise work took a dozen operations per
+seed and band, each a pass over memory or a Python call: three taps, a bias, a
+max-pool and the gradient sums of four parameters. So did the first layer's constant
+windows. ``front.c`` and ``tails.c`` do each in one call per step. They are compiled with the system's C
+compiler on first use and kept in the cache directory under a name that hashes the
+sources and the flags, so every worker process loads the same library.
+
+    if native.available():
+        native.front_forward(windows, layout, packings, taps, bias, "max", pooled)
+        sums = native.front_sums(windows, layout, packings, taps, bias, "max", grad)
+
+Where no compiler is found or the build fails, ``available()`` is False and the engine
+uses torch's operations; a run's numbers then differ in the low bits. Set
+``MNISTBENCH_NATIVE=0`` to use torch's operations on purpose.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mnistbench.data import cache_dir
+
+if TYPE_CHECKING:
+    from mnistbench.windows import Packing, WindowLayout
+
+log = logging.getLogger(__name__)
+
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("front.c", "tails.c"))
+NATIVE_ENV = "MNISTBENCH_NATIVE"
+# No fused multiply-adds: the backward kernel computes each pooled pair again and must
+# round as the forward kernel did, and the compiler could fuse in one inlined copy of
+# a formula and not in another.
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi")
+MODES = {"plain": 0, "max": 1, "pair": 2}
+# The activations whose derivative front_sums computes from their output.
+DERIVATIVES = {"relu": 1, "sigmoid": 2, "tanh": 3}
+
+# Arguments both kernels start with: the windows, their seed and example strides, the
+# window layout, the bands, offsets and band counts, the maximum band count, seeds and
+# variants.
+_COMMON = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+           ctypes.c_int64]
+
+
+class NativeError(RuntimeError):
+    """A compiled kernel failed where it should not have: out of memory."""
+
+
+def available() -> bool:
+    """Load the compiled kernels, building them on the first call; return whether they
+    loaded."""
+    return _library() is not None
+
+
+def vector_flags() -> tuple[str, ...]:
+    """Return the compiler flags for the CPU's vector extensions that torch also uses."""
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in (
+            "AVX2", "AVX512"):
+        return ("-mavx2", "-mfma")
+    return ()
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    try:
+        path = build()
+        library = ctypes.CDLL(str(path))
+    except (BuildError, OSError) as error:
+        log.warning("%s; the convolution front uses torch's operations instead", error)
+        return None
+    for name in ("front_forward", "front_sums"):
+        getattr(library, name).restype = ctypes.c_int
+    library.front_forward.argtypes = _COMMON + [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64]
+    library.front_sums.argtypes = _COMMON + [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    # bands, band counts, maximum band count, seeds, variants, batch
+    bands = [pointer, pointer, size, size, size, size]
+    library.first_layer_tails.restype = None
+    library.first_layer_tails.argtypes = [pointer, size, size, *bands, pointer, pointer,
+                                          pointer]
+    library.first_layer_weight_tails.restype = ctypes.c_int
+    library.first_layer_weight_tails.argtypes = [pointer, size, size, *bands, pointer, pointer,
+                                                 ctypes.c_float]
+    library.constant_gradient.restype = ctypes.c_int
+    library.constant_gradient.argtypes = [pointer, size, *bands, pointer, pointer]
+    return library
+
+
+class BuildError(RuntimeError):
+    """The kernels could not be compiled: no C compiler, or the compiler failed."""
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compile the kernels into ``directory`` (default: the cache's ``native``) unless an
+    identical build is there, and return the library's path.
+
+    Raises:
+        BuildError: no C compiler was found (``$CC``, ``cc`` or ``gcc``), or it failed.
+    """
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise BuildError("no C compiler found ($CC, cc or gcc) to build the native kernels")
+    flags = FLAGS + vector_flags()
+    source = b"".join(path.read_bytes() for path in SOURCES)
+    digest = hashlib.sha256(source + " ".join((compiler,) + flags).encode()).hexdigest()[:16]
+    directory = cache_dir() / "native" if directory is None else directory
+    target = directory / f"kernels-{digest}.so"
+    if target.exists():
+        return target
+    partial = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Build under a temporary name and rename: workers that build at once each
+        # write their own file, and the rename is atomic.
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(handle)
+        result = subprocess.run([compiler, *flags, "-o", partial, *map(str, SOURCES)],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise BuildError(f"{compiler} failed to build the native kernels "
+                             f"(exit {result.returncode}): {result.stderr.strip()[:500]}")
+        os.replace(partial, target)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise BuildError(f"could not build the native kernels in {directory}: {error}"
+                         ) from error
+    finally:
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def _band_arrays(packings: Sequence[Packing]) -> tuple[torch.Tensor, ...]:
+    """Flatten each seed's bands ``(S, max_bands, 3)``, offsets ``(S, max_bands + 1)``
+    and band count ``(S,)`` into int64 tensors, padded with zeros."""
+    max_bands = max(len(p.bands) for p in packings)
+    bands, offsets = [], []
+    for packing in packings:
+        missing = max_bands - len(packing.bands)
+        bands += [value for band in packing.bands for value in band] + [0] * (3 * missing)
+        offsets += list(packing.offsets) + [0] * missing
+    return (torch.tensor(bands, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64),
+            torch.tensor([len(p.bands) for p in packings], dtype=torch.int64))
+
+
+def _common(windows: torch.Tensor, layout: WindowLayout, packings: Sequence[Packing],
+            members: int) -> tuple[list, tuple[torch.Tensor, ...]]:
+    """Arguments shared by both kernels, and the arrays they point into (kept alive)."""
+    assert windows.dtype == torch.uint8
+    assert windows.device.type == "cpu"
+    assert windows.stride(2) == 1
+    assert windows.stride(1) == windows.shape[2]
+    seeds = len(packings)
+    assert windows.shape[0] == seeds
+    assert members % seeds == 0
+    arrays = _band_arrays(packings)
+    args = [windows.data_ptr(), windows.stride(0), windows.stride(1), layout.pixels,
+            layout.count, *(a.data_ptr() for a in arrays),
+            arrays[0].shape[0] // (3 * seeds), seeds, members // seeds]
+    return args, arrays
+
+
+def front_forward(windows: torch.Tensor, layout: WindowLayout, packings: Sequence[Packing],
+                  taps: torch.Tensor, bias: torch.Tensor, mode: str, out: torch.Tensor,
+                  second: torch.Tensor | None = None) -> None:
+    """Write every run's convolution outputs at its seed's packed windows.
+
+    Args:
+        windows: uint8 ``(S, B, pixels * count)``, each seed's batch as its packing
+            orders it; the seed stride may be 0 (one batch for every seed).
+        taps: ``(M, 3)``; bias: ``(M, 1)``.
+        mode: ``plain`` (no pooling): ``out`` gets the outputs. ``max``: ``out`` gets
+            the larger output of each pooled pair and ``second`` (if given) the odd
+            output minus the even one. ``pair``: ``out`` the even outputs and
+            ``second`` the odd ones.
+        out, second: ``(M, L)`` views whose rows may be strided; zero past each
+            seed's length.
+    """
+    library = _library()
+    members, width = out.shape
+    args, arrays = _common(windows, layout, packings, members)
+    for tensor in (out, second):
+        assert tensor is None or (tensor.stride(1) == 1 and tensor.stride(0) == out.stride(0))
+    taps, bias = taps.contiguous(), bias.contiguous()
+    status = library.front_forward(
+        *args, taps.data_ptr(), bias.data_ptr(), MODES[mode], out.data_ptr(),
+        None if second is None else second.data_ptr(), out.stride(0), width)
+    if status != 0:
+        raise NativeError("front_forward ran out of memory")
+    del arrays
+
+
+def front_sums(windows: torch.Tensor, layout: WindowLayout, packings: Sequence[Packing],
+               taps: torch.Tensor, bias: torch.Tensor, mode: str, grad: torch.Tensor, *,
+               other: torch.Tensor | None = None, activation: str | None = None,
+               output: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum every run's gradient against its convolution's inputs: ``(M, 4)``, the
+    gradients of the three taps and the bias over the packed windows.
+
+    ``grad``, ``other`` and ``output`` are ``(M, L)`` views with one row stride.
+    ``plain``: ``grad`` is the outputs' gradient. ``max``: the pooled output's; the
+    kernel computes each pair again from ``taps`` and ``bias`` to route it. ``pair``:
+    ``grad`` and ``other`` are the even and the odd outputs' gradients. With an
+    ``activation`` from :data:`DERIVATIVES` (``plain`` and ``max``), ``grad`` is the
+    gradient of the activation's ``output``.
+    """
+    library = _library()
+    members = grad.shape[0]
+    args, arrays = _common(windows, layout, packings, members)
+    for tensor in (other, output):
+        assert tensor is None or tensor.stride() == grad.stride()
+    assert grad.stride(1) == 1
+    assert (activation is None) == (output is None)
+    taps, bias = taps.contiguous(), bias.contiguous()
+    sums = torch.empty(members, 4)
+    status = library.front_sums(
+        *args, taps.data_ptr(), bias.data_ptr(), MODES[mode],
+        0 if activation is None else DERIVATIVES[activation], grad.data_ptr(),
+        None if output is None else output.data_ptr(),
+        None if other is None else other.data_ptr(), grad.stride(0), sums.data_ptr())
+    if status != 0:
+        raise NativeError("front_sums ran out of memory")
+    del arrays
+    return sums
+
+
+def _band_args(packings: Sequence[Packing], members: int) -> tuple[list, tuple]:
+    arrays = _band_arrays(packings)
+    seeds = len(packings)
+    return ([arrays[0].data_ptr(), arrays[2].data_ptr(), arrays[0].shape[0] // (3 * seeds),
+             seeds, members // seeds, packings[0].batch], arrays)
+
+
+def first_layer_tails(weight: torch.Tensor, out: torch.Tensor, constant: torch.Tensor,
+                      packings: Sequence[Packing]) -> torch.Tensor:
+    """Add each example's constant windows to the first layer's output ``out``
+    ``(M, B, H)``, as :func:`mnistbench.windows.first_layer` does.
+
+    Returns the sums of the weight rows past each band's stop, ``(M, bands, H)``. They
+    are zero for the bands that a seed lacks.
+    """
+    members, windows, hidden = weight.shape
+    assert weight.is_contiguous()
+    assert out.is_contiguous()
+    args, arrays = _band_args(packings, members)
+    tails = torch.empty(members, arrays[0].shape[0] // (3 * len(packings)), hidden)
+    constant = constant.contiguous()
+    _library().first_layer_tails(weight.data_ptr(), windows, hidden, *args,
+                                 constant.data_ptr(), out.data_ptr(), tails.data_ptr())
+    return tails
+
+
+def first_layer_weight_tails(out: torch.Tensor, grad: torch.Tensor, constant: torch.Tensor,
+                             packings: Sequence[Packing], alpha: float) -> None:
+    """Add ``alpha`` times the constant windows' share of the weight gradient to ``out``
+    ``(M, windows, H)``, from the output gradient ``grad`` ``(M, B, H)``."""
+    members, windows, hidden = out.shape
+    assert out.is_contiguous()
+    grad = grad.contiguous()
+    args, arrays = _band_args(packings, members)
+    constant = constant.contiguous()
+    status = _library().first_layer_weight_tails(out.data_ptr(), windows, hidden, *args,
+                                                 grad.data_ptr(), constant.data_ptr(), alpha)
+    if status != 0:
+        raise NativeError("first_layer_weight_tails ran out of memory")
+
+
+def constant_gradient(grad: torch.Tensor, tails: torch.Tensor, packings: Sequence[Packing]
+                      ) -> torch.Tensor:
+    """Return each run's gradient with respect to its constant, ``(M,)``, from the output
+    gradient ``grad`` ``(M, B, H)`` and the tails of :func:`first_layer_tails`."""
+    members, _, hidden = grad.shape
+    assert grad.is_contiguous()
+    assert tails.is_contiguous()
+    args, arrays = _band_args(packings, members)
+    out = torch.empty(members)
+    status = _library().constant_gradient(grad.data_ptr(), hidden, *args, tails.data_ptr(),
+                                          out.data_ptr())
+    if status != 0:
+        raise NativeError("constant_gradient ran out of memory")
+    return out

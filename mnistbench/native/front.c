@@ -1,0 +1,348 @@
+/*
+ * The convolution front's element-wise work in one pass per step, for the CPU.
+ *
+ * mnistbench/native/__init__.py compiles this file on first use and calls it through
+ * ctypes; mnistbench/windows.py describes the layout. Each seed's batch of windows
+ * is uint8 (batch, pixels * count): entry k * count + j is pixel k of window j. A
+ * seed's packing lists its bands, each a block of examples `first` to batch - 1 and
+ * windows `start` to `stop` - 1, stored row-major from its offset in every member's
+ * packed row.
+ *
+ * front_forward writes each member's convolution outputs for its seed's packed
+ * windows; front_sums sums a member's gradient against its taps' inputs. A member's
+ * numbers depend only on its own taps and gradient and its seed's windows and
+ * bands, never on the other members of the stack or on the padded row length, so a
+ * run gives the same bits alone and stacked. Every value is computed in vectors: a
+ * row's last values are padded with zeros to a whole vector. Build with
+ * -ffp-contract=off, so that the compiler fuses no multiply and add.
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { MODE_PLAIN = 0, MODE_MAX = 1, MODE_PAIR = 2 };
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SIGMOID = 2, ACT_TANH = 3 };
+
+#define MAX_PIXELS 4
+#define TAPS 3
+#define WIDTH 8            /* floats per vector */
+#define LANES (2 * WIDTH)  /* floats per step of a loop: two vectors */
+
+/* GCC's and Clang's portable vectors, compiled to AVX2 where the flags allow. */
+typedef float vec __attribute__((vector_size(WIDTH * sizeof(float))));
+typedef int32_t mask __attribute__((vector_size(WIDTH * sizeof(float))));
+
+static inline vec load(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+static inline vec splat(float x) { return (vec){x, x, x, x, x, x, x, x}; }
+
+static inline vec blend(mask m, vec a, vec b) {
+    return (vec)((m & (mask)a) | (~m & (mask)b));
+}
+
+/* Where one seed's inputs and bands lie. */
+typedef struct {
+    const uint8_t *windows;  /* (batch, pixels * count) */
+    const int64_t *bands;    /* (band_count, 3): first, start, stop */
+    const int64_t *offsets;  /* (band_count + 1): each band's offset, then the length */
+    int64_t band_count;
+} Seed;
+
+static Seed seed_at(const uint8_t *windows, int64_t seed_stride, const int64_t *bands,
+                    const int64_t *offsets, const int64_t *band_counts, int64_t max_bands,
+                    int64_t s) {
+    Seed seed = {windows + s * seed_stride, bands + s * max_bands * 3,
+                 offsets + s * (max_bands + 1), band_counts[s]};
+    return seed;
+}
+
+/* One member's taps and bias, in vectors. */
+typedef struct {
+    vec w0, w1, w2, c;
+} Taps;
+
+static Taps taps_of(const float *taps, const float *bias, int64_t m) {
+    Taps t = {splat(taps[m * TAPS]), splat(taps[m * TAPS + 1]), splat(taps[m * TAPS + 2]),
+              splat(bias[m])};
+    return t;
+}
+
+/* The pooled pair's even output reads pixels 0-2 and its odd output pixels 1-3. */
+static inline vec even_of(Taps t, vec p0, vec p1, vec p2) {
+    return t.w0 * p0 + t.w1 * p1 + t.w2 * p2 + t.c;
+}
+
+/* Round n up to whole steps. */
+static int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+
+/* Convert n pixels of each of the window's rows to floats in [0, 1], then zeros up to a
+ * whole step: rows of padded(n) floats. */
+static void load_pixels(float *out, const uint8_t *row, int64_t count, int64_t pixels,
+                        int64_t start, int64_t n) {
+    const float scale = 1.0f / 255.0f;
+    int64_t length = padded(n);
+    for (int64_t k = 0; k < pixels; k++) {
+        const uint8_t *in = row + k * count + start;
+        float *values = out + k * length;
+        for (int64_t j = 0; j < n; j++) values[j] = (float)in[j] * scale;
+        for (int64_t j = n; j < length; j++) values[j] = 0.0f;
+    }
+}
+
+static int64_t longest_band(const int64_t *bands, const int64_t *band_counts, int64_t seeds,
+                            int64_t max_bands) {
+    int64_t longest = 1;
+    for (int64_t s = 0; s < seeds; s++)
+        for (int64_t b = 0; b < band_counts[s]; b++) {
+            const int64_t *band = bands + (s * max_bands + b) * 3;
+            if (band[2] - band[1] > longest) longest = band[2] - band[1];
+        }
+    return longest;
+}
+
+/* Store the first `count` values of v (all of them when count >= WIDTH). */
+static inline void store_part(float *p, vec v, int64_t count) {
+    if (count >= WIDTH) {
+        store(p, v);
+    } else if (count > 0) {
+        float values[WIDTH];
+        store(values, v);
+        memcpy(p, values, sizeof(float) * count);
+    }
+}
+
+/* One member's outputs for one example's windows in one band, a loop per mode. */
+static void forward_row(Taps t, const float *p, int64_t n, int mode, float *a, float *d) {
+    int64_t length = padded(n);
+    const float *p0 = p, *p1 = p + length, *p2 = p + 2 * length, *p3 = p + 3 * length;
+    if (mode == MODE_PLAIN) {
+        for (int64_t j = 0; j < length; j += WIDTH)
+            store_part(a + j, even_of(t, load(p0 + j), load(p1 + j), load(p2 + j)), n - j);
+    } else if (mode == MODE_MAX && d == NULL) {
+        for (int64_t j = 0; j < length; j += WIDTH) {
+            vec x1 = load(p1 + j), x2 = load(p2 + j);
+            vec e = even_of(t, load(p0 + j), x1, x2), o = even_of(t, x1, x2, load(p3 + j));
+            store_part(a + j, blend((e >= o) | (e != e), e, o), n - j);
+        }
+    } else if (mode == MODE_MAX) {
+        for (int64_t j = 0; j < length; j += WIDTH) {
+            vec x1 = load(p1 + j), x2 = load(p2 + j);
+            vec e = even_of(t, load(p0 + j), x1, x2), o = even_of(t, x1, x2, load(p3 + j));
+            store_part(a + j, blend((e >= o) | (e != e), e, o), n - j);
+            store_part(d + j, o - e, n - j);
+        }
+    } else {
+        for (int64_t j = 0; j < length; j += WIDTH) {
+            vec x1 = load(p1 + j), x2 = load(p2 + j);
+            store_part(a + j, even_of(t, load(p0 + j), x1, x2), n - j);
+            store_part(d + j, even_of(t, x1, x2, load(p3 + j)), n - j);
+        }
+    }
+}
+
+/*
+ * Write each member's convolution outputs at its seed's packed windows, and zeros
+ * from its seed's length to `width`.
+ *
+ * MODE_PLAIN: out0 = w0 p0 + w1 p1 + w2 p2 + b.
+ * MODE_MAX: the pooled pair's even output e (pixels 0-2) and odd output o (pixels
+ *   1-3); out0 = max(e, o), NaN if either is NaN, and out1 = o - e unless out1 is NULL.
+ * MODE_PAIR: out0 = e, out1 = o.
+ * Member m's rows start at out0 + m * stride and out1 + m * stride.
+ * Returns 0, or -1 when memory runs out.
+ */
+int front_forward(const uint8_t *windows, int64_t seed_stride, int64_t example_stride,
+                  int64_t pixels, int64_t count, const int64_t *bands,
+                  const int64_t *offsets, const int64_t *band_counts, int64_t max_bands,
+                  int64_t seeds, int64_t variants, const float *taps, const float *bias,
+                  int mode, float *out0, float *out1, int64_t stride, int64_t width) {
+    int64_t longest = longest_band(bands, band_counts, seeds, max_bands);
+    float *values = malloc(sizeof(float) * MAX_PIXELS * padded(longest));
+    if (values == NULL) return -1;
+    for (int64_t s = 0; s < seeds; s++) {
+        Seed seed = seed_at(windows, seed_stride, bands, offsets, band_counts, max_bands, s);
+        for (int64_t b = 0; b < seed.band_count; b++) {
+            int64_t first = seed.bands[b * 3], start = seed.bands[b * 3 + 1];
+            int64_t n = seed.bands[b * 3 + 2] - start;
+            int64_t rows = n ? (seed.offsets[b + 1] - seed.offsets[b]) / n : 0;
+            for (int64_t r = 0; r < rows; r++) {
+                load_pixels(values, seed.windows + (first + r) * example_stride, count, pixels,
+                            start, n);
+                int64_t at = seed.offsets[b] + r * n;
+                for (int64_t v = 0; v < variants; v++) {
+                    int64_t m = s * variants + v;
+                    forward_row(taps_of(taps, bias, m), values, n, mode,
+                                out0 + m * stride + at, out1 ? out1 + m * stride + at : NULL);
+                }
+            }
+        }
+        int64_t length = seed.offsets[seed.band_count];
+        for (int64_t v = 0; v < variants; v++) {
+            int64_t m = s * variants + v;
+            memset(out0 + m * stride + length, 0, sizeof(float) * (width - length));
+            if (out1) memset(out1 + m * stride + length, 0, sizeof(float) * (width - length));
+        }
+    }
+    free(values);
+    return 0;
+}
+
+/* A member's running sums: for the three taps and the bias, two vectors of lanes. */
+typedef struct {
+    vec sum[4][2];
+} Sums;
+
+/* Add one vector of gradient g against the inputs q0-q2 of the three taps. */
+static inline void add_vector(Sums *acc, int h, vec g, vec q0, vec q1, vec q2) {
+    acc->sum[0][h] += g * q0;
+    acc->sum[1][h] += g * q1;
+    acc->sum[2][h] += g * q2;
+    acc->sum[3][h] += g;
+}
+
+/* The gradient before the activation, from the gradient g after it and its output y,
+ * in the formulas of PyTorch's backward kernels; ACT_NONE passes g on. */
+static inline vec derivative(int activation, vec g, vec y) {
+    switch (activation) {
+    case ACT_RELU:
+        return blend(y > 0.0f, g, splat(0.0f));
+    case ACT_SIGMOID:
+        return g * (1.0f - y) * y;
+    case ACT_TANH:
+        return g * (1.0f - y * y);
+    default:
+        return g;
+    }
+}
+
+/* Copy the last n < LANES values of a row into a zero-padded step. */
+static const float *padded_tail(float *tail, const float *values, int64_t n) {
+    memset(tail, 0, sizeof(float) * LANES);
+    memcpy(tail, values, sizeof(float) * n);
+    return tail;
+}
+
+/* One member's gradient g (and `other`) for one example's windows in one band; with an
+ * activation, g is the gradient of its output y. */
+static inline __attribute__((always_inline)) void sums_row(
+        Sums *acc, Taps t, const float *p, int64_t n, int mode, int activation, const float *g,
+        const float *y, const float *other) {
+    int64_t length = padded(n);
+    const float *p0 = p, *p1 = p + length, *p2 = p + 2 * length, *p3 = p + 3 * length;
+    float g_tail[LANES], y_tail[LANES], other_tail[LANES];
+    Sums local = *acc;
+    for (int64_t j = 0; j < length; j += LANES) {
+        const float *gj = g + j, *yj = y ? y + j : NULL, *oj = other ? other + j : NULL;
+        if (j + LANES > n) {  /* the row's last values, padded with zeros */
+            gj = padded_tail(g_tail, gj, n - j);
+            if (y) yj = padded_tail(y_tail, yj, n - j);
+            if (other) oj = padded_tail(other_tail, oj, n - j);
+        }
+        for (int h = 0; h < 2; h++) {
+            int64_t i = j + h * WIDTH;
+            vec x0 = load(p0 + i), x1 = load(p1 + i), x2 = load(p2 + i), x3 = load(p3 + i);
+            vec gv = load(gj + h * WIDTH);
+            if (y) gv = derivative(activation, gv, load(yj + h * WIDTH));
+            if (mode == MODE_PLAIN) {
+                add_vector(&local, h, gv, x0, x1, x2);
+            } else if (mode == MODE_MAX) {
+                /* The pooled unit's gradient goes to the larger output of its pair:
+                 * the odd one where o - e > 0, as the forward pass computed them. */
+                vec e = even_of(t, x0, x1, x2), o = even_of(t, x1, x2, x3);
+                mask odd = (o - e) > 0.0f;
+                add_vector(&local, h, gv, blend(odd, x1, x0), blend(odd, x2, x1),
+                           blend(odd, x3, x2));
+            } else {
+                add_vector(&local, h, gv, x0, x1, x2);
+                add_vector(&local, h, load(oj + h * WIDTH), x1, x2, x3);
+            }
+        }
+    }
+    *acc = local;
+}
+
+/* sums_row compiled once for each mode and activation, so that no loop branches on them. */
+#define SUMS_ROW(mode, activation) \
+    sums_row(acc, t, p, n, mode, activation, g, y, other)
+
+static void sums_row_of(Sums *acc, Taps t, const float *p, int64_t n, int mode,
+                        int activation, const float *g, const float *y, const float *other) {
+    switch (mode * 4 + (y ? activation : ACT_NONE)) {
+    case MODE_PLAIN * 4 + ACT_RELU: SUMS_ROW(MODE_PLAIN, ACT_RELU); break;
+    case MODE_PLAIN * 4 + ACT_SIGMOID: SUMS_ROW(MODE_PLAIN, ACT_SIGMOID); break;
+    case MODE_PLAIN * 4 + ACT_TANH: SUMS_ROW(MODE_PLAIN, ACT_TANH); break;
+    case MODE_MAX * 4 + ACT_NONE: SUMS_ROW(MODE_MAX, ACT_NONE); break;
+    case MODE_MAX * 4 + ACT_RELU: SUMS_ROW(MODE_MAX, ACT_RELU); break;
+    case MODE_MAX * 4 + ACT_SIGMOID: SUMS_ROW(MODE_MAX, ACT_SIGMOID); break;
+    case MODE_MAX * 4 + ACT_TANH: SUMS_ROW(MODE_MAX, ACT_TANH); break;
+    case MODE_PAIR * 4 + ACT_NONE: SUMS_ROW(MODE_PAIR, ACT_NONE); break;
+    default: SUMS_ROW(MODE_PLAIN, ACT_NONE); break;
+    }
+}
+
+/*
+ * Sum each member's gradient with respect to its convolution outputs against their
+ * inputs: sums[m] = (dL/dw0, dL/dw1, dL/dw2, dL/db), over its seed's packed windows.
+ *
+ * MODE_PLAIN: g0 is the gradient of the outputs.
+ * MODE_MAX: g0 is the gradient of the pooled output; the pairs are computed again from
+ *   the taps and bias to route it.
+ * MODE_PAIR: g0 and other are the gradients of the even and the odd outputs.
+ * With an activation other than ACT_NONE, g0 is the gradient of the activation's
+ * output, which `output` holds (MODE_PLAIN and MODE_MAX).
+ * Returns 0, or -1 when memory runs out.
+ */
+int front_sums(const uint8_t *windows, int64_t seed_stride, int64_t example_stride,
+               int64_t pixels, int64_t count, const int64_t *bands, const int64_t *offsets,
+               const int64_t *band_counts, int64_t max_bands, int64_t seeds,
+               int64_t variants, const float *taps, const float *bias, int mode,
+               int activation, const float *g0, const float *output, const float *other,
+               int64_t stride, float *sums) {
+    int64_t longest = longest_band(bands, band_counts, seeds, max_bands);
+    float *values = malloc(sizeof(float) * MAX_PIXELS * padded(longest));
+    Sums *acc = aligned_alloc(sizeof(vec), sizeof(Sums) * (size_t)variants);
+    if (values == NULL || acc == NULL) {
+        free(values);
+        free(acc);
+        return -1;
+    }
+    for (int64_t s = 0; s < seeds; s++) {
+        Seed seed = seed_at(windows, seed_stride, bands, offsets, band_counts, max_bands, s);
+        memset(acc, 0, sizeof(Sums) * (size_t)variants);
+        for (int64_t b = 0; b < seed.band_count; b++) {
+            int64_t first = seed.bands[b * 3], start = seed.bands[b * 3 + 1];
+            int64_t n = seed.bands[b * 3 + 2] - start;
+            int64_t rows = n ? (seed.offsets[b + 1] - seed.offsets[b]) / n : 0;
+            for (int64_t r = 0; r < rows; r++) {
+                load_pixels(values, seed.windows + (first + r) * example_stride, count, pixels,
+                            start, n);
+                int64_t at = seed.offsets[b] + r * n;
+                for (int64_t v = 0; v < variants; v++) {
+                    int64_t m = s * variants + v;
+                    int64_t row = m * stride + at;
+                    sums_row_of(&acc[v], taps_of(taps, bias, m), values, n, mode, activation,
+                             g0 + row, output ? output + row : NULL,
+                             other ? other + row : NULL);
+                }
+            }
+        }
+        for (int64_t v = 0; v < variants; v++)
+            for (int k = 0; k < 4; k++) {
+                float lanes[LANES], total = 0.0f;
+                store(lanes, acc[v].sum[k][0]);
+                store(lanes + WIDTH, acc[v].sum[k][1]);
+                for (int l = 0; l < LANES; l++) total += lanes[l];
+                sums[(s * variants + v) * 4 + k] = total;
+            }
+    }
+    free(values);
+    free(acc);
+    return 0;
+}

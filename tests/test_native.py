@@ -1,0 +1,212 @@
+"""The compiled front kernels: their build, and the same numbers as torch's operations."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mnistbench import front, native
+from mnistbench.backprop import gradients, member_losses
+from mnistbench.engine import train_stack
+from mnistbench.evaluation import evaluate
+from mnistbench.features import Band, zero_skipping_bands
+from mnistbench.matrix import Criteria, Settings
+from mnistbench.model import Block
+from mnistbench.windows import Packing, WindowLayout, packed_width
+
+from test_engine import PROVENANCE, assert_stack_equals_alone, members_for, ragged_dataset
+
+HAS_COMPILER = shutil.which("cc") is not None or shutil.which("gcc") is not None
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def torch_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the convolution front in torch's operations, as on a machine without a compiler."""
+    monkeypatch.setattr(native, "available", lambda: False)
+
+
+@needs_compiler
+def test_kernels_build_once_and_load(tmp_path) -> None:
+    path = native.build(tmp_path)
+    assert path.parent == tmp_path and path.stat().st_size > 0
+    built = path.stat().st_mtime_ns
+    assert native.build(tmp_path) == path
+    assert path.stat().st_mtime_ns == built  # the second call found the first build
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert native.available()
+
+
+def test_build_without_a_compiler_says_so(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(native.BuildError, match=r"no C compiler found \(\$CC, cc or gcc\)"):
+        native.build(tmp_path)
+
+
+def test_build_reports_a_failing_compiler(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", shutil.which("false"))
+    with pytest.raises(native.BuildError, match=r"false failed to build the native kernels \(exit 1\)"):
+        native.build(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no partial library left behind
+
+
+def test_build_reports_a_missing_compiler_path(tmp_path, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(native.BuildError, match=r"could not build the native kernels in .*no-such-cc"):
+        native.build(tmp_path)
+
+
+def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CC", shutil.which("false"))
+    monkeypatch.setenv("MNISTBENCH_DATA_DIR", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mnistbench.native"):
+            assert not native.available()
+        assert "failed to build the native kernels" in caplog.text
+        assert "uses torch's operations instead" in caplog.text
+    finally:
+        native._library.cache_clear()
+
+
+@needs_compiler
+def test_unloadable_library_falls_back(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A cached library that is not one (a cut-off copy, another machine's build)."""
+    monkeypatch.setenv("MNISTBENCH_DATA_DIR", str(tmp_path))
+    path = native.build(tmp_path / "native")
+    path.write_bytes(b"not a shared library")
+    native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mnistbench.native"):
+            assert not native.available()
+        assert str(path) in caplog.text
+        assert "uses torch's operations instead" in caplog.text
+    finally:
+        native._library.cache_clear()
+
+
+def test_native_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    native._library.cache_clear()
+    try:
+        assert not native.available()
+    finally:
+        native._library.cache_clear()
+
+
+def _block(settings: Settings, order: torch.Tensor | None = None) -> Block:
+    """Two seeds of three runs each."""
+    variants = [settings, replace(settings, init="kaiming"), replace(settings, init="xavier")]
+    return Block(variants * 2, [0, 1], "cpu", order)
+
+
+def _step(block: Block, windows: torch.Tensor, labels: torch.Tensor, bands):
+    trace = block.forward(windows, bands=bands)
+    losses, logit_grad = member_losses(trace.logits, labels, "cross_entropy", with_grad=True)
+    grads = gradients(block, trace, logit_grad)
+    grads.materialize(block)
+    return trace.logits, grads.params
+
+
+def _batches(settings: Settings):
+    """Two seeds' batches of ragged images, sorted by extent, and their bands."""
+    data = ragged_dataset()
+    arranged = data.arranged_inputs(True, settings.pool)
+    index = torch.stack([torch.arange(0, 16), torch.arange(100, 116)])
+    extents, by_extent = arranged.extent[index].sort(dim=1, stable=True)
+    index = index.gather(1, by_extent)
+    bands = [zero_skipping_bands(e) for e in extents.tolist()]
+    assert any(len(b) > 1 for b in bands)
+    labels = data.train_labels[index].repeat_interleave(3, dim=0)
+    return arranged, arranged.train[index], labels, bands
+
+
+@needs_compiler
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "gelu"])
+@pytest.mark.parametrize("pool", [False, True], ids=["conv", "conv-pool"])
+@pytest.mark.parametrize("skipping", [True, False], ids=["bands", "dense"])
+def test_native_front_matches_torch_operations(activation: str, pool: bool, skipping: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits and every gradient agree with the torch front to float32 rounding."""
+    settings = Settings(activation=activation, width=12, batch_size=16, conv=True, pool=pool)
+    arranged, windows, labels, bands = _batches(settings)
+    block = _block(settings, arranged.order)
+    bands = bands if skipping else None
+    assert native.available()
+    logits, grads = _step(block, windows, labels, bands)
+    monkeypatch.setattr(native, "available", lambda: False)
+    expected_logits, expected = _step(block, windows, labels, bands)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert grads["conv_weight"].abs().sum() > 0
+
+
+@needs_compiler
+@pytest.mark.parametrize("pool", [False, True], ids=["conv", "conv-pool"])
+def test_native_evaluation_matches_torch_operations(pool: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(activation="relu", width=12, conv=True, pool=pool)
+    data = ragged_dataset()
+    arranged = data.arranged_inputs(True, pool)
+    block = _block(settings, arranged.order)
+    args = (block, arranged.test, arranged.test_labels, "relu")
+    result = evaluate(*args, extents=arranged.test_extent)
+    monkeypatch.setattr(native, "available", lambda: False)
+    expected = evaluate(*args, extents=arranged.test_extent)
+    # One test example of 100 may flip where two logits nearly tie.
+    torch.testing.assert_close(result["accuracy"], expected["accuracy"], rtol=0, atol=0.011)
+    torch.testing.assert_close(result["unit_fraction"], expected["unit_fraction"])
+    assert int(result["counts"].sum()) == block.members * arranged.test.shape[0]
+
+
+@needs_compiler
+def test_pooled_front_keeps_nan_like_torch_maximum() -> None:
+    """A run whose taps are NaN gets NaN outputs, so its loss shows that it diverged."""
+    layout = WindowLayout.of(pool=True)
+    packings = [Packing.of((Band(0, 0, 40), Band(2, 40, 45)), 4, layout.count)]
+    width = packed_width(packings)
+    windows = torch.randint(0, 256, (1, 4, 4 * layout.count), dtype=torch.uint8)
+    taps = torch.tensor([[0.5, -0.25, 1.0], [float("nan"), 0.0, 0.0]])
+    out = torch.full((2, width), 7.0)
+    native.front_forward(windows, layout, packings, taps, torch.zeros(2, 1), "max", out)
+    length = packings[0].length
+    assert out[1, :length].isnan().all()
+    assert torch.isfinite(out[0, :length]).all()
+    assert out[:, length:].eq(0).all()  # zeros past the packed length
+
+
+@needs_compiler
+@pytest.mark.parametrize("base", [
+    pytest.param(Settings(activation="sigmoid", width=32, epochs=2, batch_size=8, lr=0.5,
+                          conv=True, pool=True), id="conv-pool"),
+    pytest.param(Settings(activation="tanh", width=32, epochs=2, batch_size=8, lr=0.5,
+                          conv=True), id="conv-tanh"),
+])
+def test_torch_front_stack_equals_alone(base: Settings, torch_front: None) -> None:
+    """Without the kernels, stacking still changes no bit of a run."""
+    assert not front.uses_native(_block(base))
+    assert_stack_equals_alone(base, ragged_dataset())
+
+
+@needs_compiler
+def test_front_kernels_change_only_low_bits_of_training(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    settings = Settings(activation="sigmoid", width=16, epochs=1, batch_size=8, lr=0.5,
+                        conv=True, pool=True)
+    members = members_for([settings, replace(settings, init="kaiming")], seeds=[0])
+    data = ragged_dataset()
+    with_kernels = train_stack(members, data, Criteria(), PROVENANCE)
+    monkeypatch.setattr(native, "available", lambda: False)
+    without = train_stack(members, data, Criteria(), PROVENANCE)
+    for a, b in zip(with_kernels, without):
+        assert a.final_train_loss == pytest.approx(b.final_train_loss, rel=1e-4)
+        assert a.final_accuracy == pytest.approx(b.final_accuracy, abs=0.02)
