@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from mnistbench import native
 from mnistbench.features import Band
 from mnistbench.initialization import CONV_TAPS
-from mnistbench import native
 from mnistbench.windows import Packing, packed_rows, packed_width, seed_members
 
 if TYPE_CHECKING:
+    from mnistbench.activations import Activation
     from mnistbench.model import Block
 
 
@@ -80,8 +81,8 @@ def uses_native(block: Block) -> bool:
 
 def _native_front(block: Block, images: torch.Tensor, packings: list[Packing],
                   for_backward: bool) -> FrontPass:
-    """The front in the compiled kernels, which read the uint8 windows themselves: the
-    pass keeps them as its ``rows``."""
+    """Run the front in the compiled kernels. They read the uint8 windows themselves, so
+    the pass keeps those as its ``rows``."""
     act, members = block.activation, block.members
     width = packed_width(packings)
     taps, bias = block.params["conv_weight"], block.params["conv_bias"]
@@ -104,9 +105,12 @@ def _native_front(block: Block, images: torch.Tensor, packings: list[Packing],
                      packings)
 
 
-def _activate_pairs(act, front_in: torch.Tensor, for_backward: bool):
-    """Activate both outputs of each pooled pair ``(M, 2, L)``, then pool them: for an
-    activation that does not commute with max-pooling."""
+def _activate_pairs(act: Activation, front_in: torch.Tensor, for_backward: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Activate both outputs of each pooled pair ``(M, 2, L)``, then pool them, for an
+    activation that does not commute with max-pooling. Returns the pre-activation, the
+    activated pairs, the gap (odd minus even, for the backward pass) and the pooled
+    output."""
     front_out = act.forward_(front_in)
     even, odd = front_out[:, 0], front_out[:, 1]
     gap = odd - even if for_backward else None
