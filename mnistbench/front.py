@@ -83,26 +83,28 @@ def _native_front(block: Block, images: torch.Tensor, packings: list[Packing],
                   for_backward: bool) -> FrontPass:
     """Run the front in the compiled kernels. They read the uint8 windows themselves, so
     the pass keeps those as its ``rows``."""
-    act, members = block.activation, block.members
+    act, name, members = block.activation, block.settings[0].activation, block.members
     width = packed_width(packings)
-    taps, bias = block.params["conv_weight"], block.params["conv_bias"]
-    gap = None
-    if not block.pool:
-        front_in = torch.empty(members, width)
-        native.front_forward(images, block.layout, packings, taps, bias, "plain", front_in)
-        front_out = output = act.forward_(front_in)
-    elif act.monotone:  # the backward kernel computes the pairs again to route them
-        pooled = torch.empty(members, width)
-        native.front_forward(images, block.layout, packings, taps, bias, "max", pooled)
-        front_in, front_out = None, act.forward_(pooled)
-        output = front_out
-    else:
+    inputs = (images, block.layout, packings, block.params["conv_weight"],
+              block.params["conv_bias"])
+    if block.pool and not act.monotone:
         front_in = torch.empty(members, 2, width)
-        native.front_forward(images, block.layout, packings, taps, bias, "pair",
-                             front_in[:, 0], front_in[:, 1])
+        native.front_forward(*inputs, "pair", front_in[:, 0], front_in[:, 1])
         front_in, front_out, gap, output = _activate_pairs(act, front_in, for_backward)
-    return FrontPass(images, front_in if act.needs_input else None, front_out, gap, output,
-                     packings)
+        return FrontPass(images, front_in if act.needs_input else None, front_out, gap,
+                         output, packings)
+    # Pooled before a monotone activation. The backward kernel computes the pairs again
+    # to route the gradient, so no gap is kept.
+    mode = "max" if block.pool else "plain"
+    front_in = torch.empty(members, width)
+    if name in native.ACTIVATIONS:  # activated in the same pass
+        native.front_forward(*inputs, mode, front_in, activation=name)
+        front_out = front_in
+    else:
+        native.front_forward(*inputs, mode, front_in)
+        front_out = act.forward_(front_in)
+    return FrontPass(images, front_in if act.needs_input else None, front_out, None,
+                     front_out, packings)
 
 
 def _activate_pairs(act: Activation, front_in: torch.Tensor, for_backward: bool

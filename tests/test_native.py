@@ -176,12 +176,15 @@ def test_pooled_front_keeps_nan_like_torch_maximum() -> None:
     width = packed_width(packings)
     windows = torch.randint(0, 256, (1, 4, 4 * layout.count), dtype=torch.uint8)
     taps = torch.tensor([[0.5, -0.25, 1.0], [float("nan"), 0.0, 0.0]])
-    out = torch.full((2, width), 7.0)
-    native.front_forward(windows, layout, packings, taps, torch.zeros(2, 1), "max", out)
     length = packings[0].length
-    assert out[1, :length].isnan().all()
-    assert torch.isfinite(out[0, :length]).all()
-    assert out[:, length:].eq(0).all()  # zeros past the packed length
+    for activation in (None, "relu"):
+        out = torch.full((2, width), 7.0)
+        native.front_forward(windows, layout, packings, taps, torch.tensor([[-0.8], [0.0]]),
+                             "max", out, activation=activation)
+        assert out[1, :length].isnan().all()
+        assert torch.isfinite(out[0, :length]).all()
+        assert out[:, length:].eq(0).all()  # zeros past the packed length
+    assert out[0, :length].min() == 0.0  # ReLU clipped the negative outputs
 
 
 @needs_compiler

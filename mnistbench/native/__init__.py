@@ -49,6 +49,9 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-Wn
 MODES = {"plain": 0, "max": 1, "pair": 2}
 # The activations whose derivative front_sums computes from their output.
 DERIVATIVES = {"relu": 1, "sigmoid": 2, "tanh": 3}
+# The activations front_forward applies itself. ReLU is exact in either place; the
+# others stay in torch's kernels.
+ACTIVATIONS = {"relu": 1}
 
 # Arguments both kernels start with: the windows, their seed and example strides, the
 # window layout, the bands, offsets and band counts, the maximum band count, seeds and
@@ -89,8 +92,8 @@ def _library() -> ctypes.CDLL | None:
     for name in ("front_forward", "front_sums"):
         getattr(library, name).restype = ctypes.c_int
     library.front_forward.argtypes = _COMMON + [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64]
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     library.front_sums.argtypes = _COMMON + [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -183,32 +186,34 @@ def _common(windows: torch.Tensor, layout: WindowLayout, packings: Sequence[Pack
 
 def front_forward(windows: torch.Tensor, layout: WindowLayout, packings: Sequence[Packing],
                   taps: torch.Tensor, bias: torch.Tensor, mode: str, out: torch.Tensor,
-                  second: torch.Tensor | None = None) -> None:
+                  second: torch.Tensor | None = None, activation: str | None = None) -> None:
     """Write every run's convolution outputs at its seed's packed windows.
 
     Args:
         windows: uint8 ``(S, B, pixels * count)``, each seed's batch as its packing
-            orders it; the seed stride may be 0 (one batch for every seed).
+            orders it. The seed stride may be 0 (one batch for every seed).
         taps: ``(M, 3)``; bias: ``(M, 1)``.
         mode: ``plain`` (no pooling): ``out`` gets the outputs. ``max``: ``out`` gets
-            the larger output of each pooled pair and ``second`` (if given) the odd
-            output minus the even one. ``pair``: ``out`` the even outputs and
-            ``second`` the odd ones.
-        out, second: ``(M, L)`` views whose rows may be strided; zero past each
-            seed's length.
+            the larger output of each pooled pair. ``pair``: ``out`` gets the even
+            outputs and ``second`` the odd ones.
+        out, second: ``(M, L)`` views whose rows may be strided. Past each seed's
+            length they get zeros.
+        activation: one of :data:`ACTIVATIONS`, applied to ``out`` in the ``plain`` and
+            ``max`` modes; None applies none.
     """
-    library = _library()
     members, width = out.shape
     args, arrays = _common(windows, layout, packings, members)
-    for tensor in (out, second):
-        assert tensor is None or (tensor.stride(1) == 1 and tensor.stride(0) == out.stride(0))
+    assert out.stride(1) == 1
+    assert second is None or second.stride() == out.stride()
+    assert (second is not None) == (mode == "pair")
+    assert activation is None or mode != "pair"
     taps, bias = taps.contiguous(), bias.contiguous()
-    status = library.front_forward(
-        *args, taps.data_ptr(), bias.data_ptr(), MODES[mode], out.data_ptr(),
+    status = _library().front_forward(
+        *args, taps.data_ptr(), bias.data_ptr(), MODES[mode],
+        0 if activation is None else ACTIVATIONS[activation], out.data_ptr(),
         None if second is None else second.data_ptr(), out.stride(0), width)
     if status != 0:
         raise NativeError("front_forward ran out of memory")
-    del arrays
 
 
 def front_sums(windows: torch.Tensor, layout: WindowLayout, packings: Sequence[Packing],
@@ -225,7 +230,6 @@ def front_sums(windows: torch.Tensor, layout: WindowLayout, packings: Sequence[P
     ``activation`` from :data:`DERIVATIVES` (``plain`` and ``max``), ``grad`` is the
     gradient of the activation's ``output``.
     """
-    library = _library()
     members = grad.shape[0]
     args, arrays = _common(windows, layout, packings, members)
     for tensor in (other, output):
@@ -234,14 +238,13 @@ def front_sums(windows: torch.Tensor, layout: WindowLayout, packings: Sequence[P
     assert (activation is None) == (output is None)
     taps, bias = taps.contiguous(), bias.contiguous()
     sums = torch.empty(members, 4)
-    status = library.front_sums(
+    status = _library().front_sums(
         *args, taps.data_ptr(), bias.data_ptr(), MODES[mode],
         0 if activation is None else DERIVATIVES[activation], grad.data_ptr(),
         None if output is None else output.data_ptr(),
         None if other is None else other.data_ptr(), grad.stride(0), sums.data_ptr())
     if status != 0:
         raise NativeError("front_sums ran out of memory")
-    del arrays
     return sums
 
 

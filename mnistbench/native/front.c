@@ -118,32 +118,55 @@ static inline void store_part(float *p, vec v, int64_t count) {
     }
 }
 
-/* One member's outputs for one example's windows in one band, a loop per mode. */
-static void forward_row(Taps t, const float *p, int64_t n, int mode, float *a, float *d) {
-    int64_t length = padded(n);
+/* The activation front_forward applies itself: ReLU, exact as torch computes it, with
+ * NaN kept. */
+static inline vec activate(int activation, vec x) {
+    return activation == ACT_RELU ? blend((x > 0.0f) | (x != x), x, splat(0.0f)) : x;
+}
+
+/* One member's output vector at j: the activated output, or with MODE_PAIR the even
+ * one, and the odd one in *odd. */
+static inline __attribute__((always_inline)) vec output_at(
+        Taps t, const float *p0, const float *p1, const float *p2, const float *p3,
+        int64_t j, int mode, int activation, vec *odd) {
+    vec x1 = load(p1 + j), x2 = load(p2 + j);
+    vec e = even_of(t, load(p0 + j), x1, x2);
+    if (mode == MODE_PLAIN) return activate(activation, e);
+    vec o = even_of(t, x1, x2, load(p3 + j));
+    if (mode == MODE_MAX) return activate(activation, blend((e >= o) | (e != e), e, o));
+    *odd = o;
+    return e;
+}
+
+/* One member's outputs for one example's windows in one band. */
+static inline __attribute__((always_inline)) void forward_row(
+        Taps t, const float *p, int64_t n, int mode, int activation, float *a, float *d) {
+    int64_t length = padded(n), whole = n - n % WIDTH;
     const float *p0 = p, *p1 = p + length, *p2 = p + 2 * length, *p3 = p + 3 * length;
-    if (mode == MODE_PLAIN) {
-        for (int64_t j = 0; j < length; j += WIDTH)
-            store_part(a + j, even_of(t, load(p0 + j), load(p1 + j), load(p2 + j)), n - j);
-    } else if (mode == MODE_MAX && d == NULL) {
-        for (int64_t j = 0; j < length; j += WIDTH) {
-            vec x1 = load(p1 + j), x2 = load(p2 + j);
-            vec e = even_of(t, load(p0 + j), x1, x2), o = even_of(t, x1, x2, load(p3 + j));
-            store_part(a + j, blend((e >= o) | (e != e), e, o), n - j);
-        }
-    } else if (mode == MODE_MAX) {
-        for (int64_t j = 0; j < length; j += WIDTH) {
-            vec x1 = load(p1 + j), x2 = load(p2 + j);
-            vec e = even_of(t, load(p0 + j), x1, x2), o = even_of(t, x1, x2, load(p3 + j));
-            store_part(a + j, blend((e >= o) | (e != e), e, o), n - j);
-            store_part(d + j, o - e, n - j);
-        }
-    } else {
-        for (int64_t j = 0; j < length; j += WIDTH) {
-            vec x1 = load(p1 + j), x2 = load(p2 + j);
-            store_part(a + j, even_of(t, load(p0 + j), x1, x2), n - j);
-            store_part(d + j, even_of(t, x1, x2, load(p3 + j)), n - j);
-        }
+    vec odd;
+    for (int64_t j = 0; j < whole; j += WIDTH) {
+        store(a + j, output_at(t, p0, p1, p2, p3, j, mode, activation, &odd));
+        if (mode == MODE_PAIR) store(d + j, odd);
+    }
+    if (whole < n) {
+        store_part(a + whole, output_at(t, p0, p1, p2, p3, whole, mode, activation, &odd),
+                   n - whole);
+        if (mode == MODE_PAIR) store_part(d + whole, odd, n - whole);
+    }
+}
+
+/* forward_row compiled once for each mode and activation, so that no loop branches on
+ * them. */
+#define FORWARD_ROW(mode, activation) forward_row(t, p, n, mode, activation, a, d)
+
+static void forward_row_of(Taps t, const float *p, int64_t n, int mode, int activation,
+                           float *a, float *d) {
+    switch (mode * 4 + activation) {
+    case MODE_PLAIN * 4 + ACT_RELU: FORWARD_ROW(MODE_PLAIN, ACT_RELU); break;
+    case MODE_MAX * 4 + ACT_NONE: FORWARD_ROW(MODE_MAX, ACT_NONE); break;
+    case MODE_MAX * 4 + ACT_RELU: FORWARD_ROW(MODE_MAX, ACT_RELU); break;
+    case MODE_PAIR * 4 + ACT_NONE: FORWARD_ROW(MODE_PAIR, ACT_NONE); break;
+    default: FORWARD_ROW(MODE_PLAIN, ACT_NONE); break;
     }
 }
 
@@ -151,18 +174,20 @@ static void forward_row(Taps t, const float *p, int64_t n, int mode, float *a, f
  * Write each member's convolution outputs at its seed's packed windows, and zeros
  * from its seed's length to `width`.
  *
- * MODE_PLAIN: out0 = w0 p0 + w1 p1 + w2 p2 + b.
+ * MODE_PLAIN: out0 = act(w0 p0 + w1 p1 + w2 p2 + b).
  * MODE_MAX: the pooled pair's even output e (pixels 0-2) and odd output o (pixels
- *   1-3); out0 = max(e, o), NaN if either is NaN, and out1 = o - e unless out1 is NULL.
- * MODE_PAIR: out0 = e, out1 = o.
- * Member m's rows start at out0 + m * stride and out1 + m * stride.
+ *   1-3); out0 = act(max(e, o)), NaN if either is NaN.
+ * MODE_PAIR: out0 = e, out1 = o, with no activation.
+ * act is ReLU or none (ACT_NONE). Member m's rows start at
+ * out0 + m * stride and out1 + m * stride.
  * Returns 0, or -1 when memory runs out.
  */
 int front_forward(const uint8_t *windows, int64_t seed_stride, int64_t example_stride,
                   int64_t pixels, int64_t count, const int64_t *bands,
                   const int64_t *offsets, const int64_t *band_counts, int64_t max_bands,
                   int64_t seeds, int64_t variants, const float *taps, const float *bias,
-                  int mode, float *out0, float *out1, int64_t stride, int64_t width) {
+                  int mode, int activation, float *out0, float *out1, int64_t stride,
+                  int64_t width) {
     int64_t longest = longest_band(bands, band_counts, seeds, max_bands);
     float *values = malloc(sizeof(float) * MAX_PIXELS * padded(longest));
     if (values == NULL) return -1;
@@ -178,8 +203,8 @@ int front_forward(const uint8_t *windows, int64_t seed_stride, int64_t example_s
                 int64_t at = seed.offsets[b] + r * n;
                 for (int64_t v = 0; v < variants; v++) {
                     int64_t m = s * variants + v;
-                    forward_row(taps_of(taps, bias, m), values, n, mode,
-                                out0 + m * stride + at, out1 ? out1 + m * stride + at : NULL);
+                    forward_row_of(taps_of(taps, bias, m), values, n, mode, activation,
+                                   out0 + m * stride + at, out1 ? out1 + m * stride + at : NULL);
                 }
             }
         }
