@@ -32,6 +32,7 @@ import multiprocessing
 
 import torch
 
+from mnistbench import native
 from mnistbench.data import dataset_directory, directory_files, load_dataset
 from mnistbench.distributed import BACKENDS, RayCluster, Shard
 from mnistbench.engine import DeviceData, Member, train_stack
@@ -151,8 +152,16 @@ def _split(members: list[Member], parts: int) -> list[list[Member]]:
 
 
 def key_runs(matrix: Matrix, dataset_md5: str, device: torch.device) -> list[tuple[Cell, int, str]]:
-    """Return ``(cell, seed, run key)`` for every run of the matrix, in matrix order."""
-    return [(cell, seed, run_key(cell.settings.to_dict(), seed, dataset_md5, device.type))
+    """Return ``(cell, seed, run key)`` for every run of the matrix, in matrix order.
+
+    On the CPU the key of a run with the convolution front says whether the compiled
+    kernels train it, so that a store never mixes runs trained both ways.
+    """
+    kernels = None
+    if device.type == "cpu" and any(cell.settings.conv for cell in matrix.cells()):
+        kernels = "native" if native.available() else "torch"
+    return [(cell, seed, run_key(cell.settings.to_dict(), seed, dataset_md5, device.type,
+                                 kernels if cell.settings.conv else None))
             for cell, seed in matrix.runs()]
 
 

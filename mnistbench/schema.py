@@ -93,7 +93,8 @@ CREATE TABLE IF NOT EXISTS claims (
 PROVENANCE_KEYS = ("package_version", "git_commit", "torch_version", "dataset_md5")
 
 
-def run_key(settings: dict, seed: int, dataset_md5: str, device_type: str) -> str:
+def run_key(settings: dict, seed: int, dataset_md5: str, device_type: str,
+            front_kernels: str | None = None) -> str:
     """Hash everything that determines a run's result into a 16-hex-digit key.
 
     Args:
@@ -101,6 +102,9 @@ def run_key(settings: dict, seed: int, dataset_md5: str, device_type: str) -> st
         seed: the seed index.
         dataset_md5: the dataset checksum (``Dataset.md5``).
         device_type: ``"cpu"`` or ``"cuda"``; the two do not give bit-identical numbers.
+        front_kernels: for a run with the convolution front on the CPU, ``"native"``
+            when the compiled kernels train it and ``"torch"`` when torch's operations
+            do; their numbers differ too. None leaves it out of the key.
     """
     payload = {
         "settings": settings,
@@ -109,6 +113,8 @@ def run_key(settings: dict, seed: int, dataset_md5: str, device_type: str) -> st
         "device_type": device_type,
         "numerics_version": NUMERICS_VERSION,
     }
+    if front_kernels is not None:
+        payload["front_kernels"] = front_kernels
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -76,6 +76,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _writable(directory: Path) -> bool:
+    """Return whether files can be created in ``directory``; False on a read-only mount,
+    even for root."""
+    return os.access(directory, os.W_OK)
+
+
 class Store:
     """A connection to one store file; create it with ``create=True``."""
 
@@ -98,8 +104,7 @@ class Store:
                              f"by 'mnistbench ablate'")
         try:
             if readonly:
-                uri = f"file:{self.path.resolve()}?mode=ro"
-                self.connection = sqlite3.connect(uri, uri=True, timeout=60.0,
+                self.connection = sqlite3.connect(self._readonly_uri(), uri=True, timeout=60.0,
                                                   isolation_level=None)
                 self._check_schema_version()
                 return
@@ -116,14 +121,37 @@ class Store:
             self.connection.execute("PRAGMA busy_timeout=60000")
             self._create_schema()
         except sqlite3.DatabaseError as error:
+            if not readonly and not _writable(self.path.parent):
+                raise StoreError(f"cannot write store {self.path}: its directory is read-only; "
+                                 f"choose a --store path in a writable directory") from error
             raise StoreError(f"cannot open store {self.path}: {error}; expected an SQLite file "
                              f"written by mnistbench") from error
+
+    def _readonly_uri(self) -> str:
+        """Return the URI that opens the store for reading.
+
+        In WAL mode even a reader needs to create the store's ``-shm`` file. In a
+        read-only directory nobody can be writing the store, so it opens as immutable,
+        unless a ``-wal`` file contains changes that only a writer could fold in.
+        """
+        uri = f"file:{self.path.resolve()}?mode=ro"
+        if _writable(self.path.parent):
+            return uri
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(
+                f"store {self.path} has changes in {wal.name} that SQLite cannot read in a "
+                f"read-only directory; copy both files to a writable directory and read the "
+                f"copy")
+        return uri + "&immutable=1"
 
     def _check_schema_version(self) -> None:
         try:
             row = self.connection.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as error:
+            if "no such table" not in str(error):
+                raise StoreError(f"cannot read store {self.path}: {error}") from error
             row = None
         if row is None:
             raise StoreError(f"{self.path} is an SQLite file but not an mnistbench store "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import replace
 
@@ -14,8 +15,9 @@ from mnistbench.backprop import gradients, member_losses
 from mnistbench.engine import train_stack
 from mnistbench.evaluation import evaluate
 from mnistbench.features import Band, zero_skipping_bands
-from mnistbench.matrix import Criteria, Settings
+from mnistbench.matrix import Criteria, Settings, parse_matrix
 from mnistbench.model import Block
+from mnistbench.scheduler import key_runs
 from mnistbench.windows import Packing, WindowLayout, packed_width
 
 from test_engine import PROVENANCE, assert_stack_equals_alone, members_for, ragged_dataset
@@ -37,8 +39,26 @@ def test_kernels_build_once_and_load(tmp_path) -> None:
     built = path.stat().st_mtime_ns
     assert native.build(tmp_path) == path
     assert path.stat().st_mtime_ns == built  # the second call found the first build
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.stem + ".sha256", path.name]
+    assert path.stat().st_mode & 0o777 == 0o755
     assert native.available()
+
+
+@needs_compiler
+@pytest.mark.parametrize("damage", ["cut off", "overwritten", "no checksum"])
+def test_damaged_library_is_built_again(tmp_path, damage: str) -> None:
+    """Loading a cut-off shared library can crash the process, so it is never loaded."""
+    path = native.build(tmp_path)
+    whole = path.read_bytes()
+    if damage == "cut off":
+        path.write_bytes(whole[:20_000])
+    elif damage == "overwritten":
+        path.write_bytes(b"not a shared library")
+    else:
+        path.with_suffix(".sha256").unlink()
+    assert native.build(tmp_path) == path
+    assert path.read_bytes() == whole
+    native.load(path)
 
 
 def test_build_without_a_compiler_says_so(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,9 +70,17 @@ def test_build_without_a_compiler_says_so(tmp_path, monkeypatch: pytest.MonkeyPa
 
 def test_build_reports_a_failing_compiler(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CC", shutil.which("false"))
-    with pytest.raises(native.BuildError, match=r"false failed to build the native kernels \(exit 1\)"):
+    with pytest.raises(native.BuildError,
+                       match=r"false failed to build the native kernels \(exit 1\)$"):
         native.build(tmp_path)
     assert list(tmp_path.iterdir()) == []  # no partial library left behind
+
+
+def test_build_rejects_an_empty_library(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", shutil.which("true"))
+    with pytest.raises(native.BuildError, match=r"true wrote no loadable library"):
+        native.build(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_build_reports_a_missing_compiler_path(tmp_path, monkeypatch: pytest.MonkeyPatch
@@ -60,6 +88,28 @@ def test_build_reports_a_missing_compiler_path(tmp_path, monkeypatch: pytest.Mon
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(native.BuildError, match=r"could not build the native kernels in .*no-such-cc"):
         native.build(tmp_path)
+
+
+@needs_compiler
+def test_compiler_command_may_carry_flags(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("CC", f"{compiler} -O1")
+    path = native.build(tmp_path)
+    monkeypatch.setenv("CC", compiler)
+    assert native.build(tmp_path) != path  # the command is part of the library's name
+    native.load(path)
+
+
+def test_stale_temporary_files_are_removed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old, fresh = tmp_path / "tmpold.so", tmp_path / "tmpfresh.so"
+    old.write_bytes(b"")
+    fresh.write_bytes(b"")
+    os.utime(old, (0, 0))
+    monkeypatch.setenv("CC", shutil.which("false"))
+    with pytest.raises(native.BuildError):
+        native.build(tmp_path)
+    assert not old.exists()
+    assert fresh.exists()  # maybe another worker's build in progress
 
 
 def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.MonkeyPatch,
@@ -72,28 +122,29 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.Mo
             assert not native.available()
         assert "failed to build the native kernels" in caplog.text
         assert "uses torch's operations instead" in caplog.text
+        assert "set MNISTBENCH_NATIVE=0" in caplog.text
     finally:
         native._library.cache_clear()
 
 
-@needs_compiler
-def test_unloadable_library_falls_back(tmp_path, monkeypatch: pytest.MonkeyPatch,
-                                       caplog: pytest.LogCaptureFixture) -> None:
-    """A cached library that is not one (a cut-off copy, another machine's build)."""
-    monkeypatch.setenv("MNISTBENCH_DATA_DIR", str(tmp_path))
-    path = native.build(tmp_path / "native")
-    path.write_bytes(b"not a shared library")
-    native._library.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="mnistbench.native"):
-            assert not native.available()
-        assert str(path) in caplog.text
-        assert "uses torch's operations instead" in caplog.text
-    finally:
-        native._library.cache_clear()
+@pytest.mark.parametrize("setting, expected", [
+    ("0", False), ("off", False), ("False", False), ("no", False),
+    ("1", True), ("on", True), ("", True), ("yes", True),
+])
+def test_native_switch(setting: str, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.NATIVE_ENV, setting)
+    assert native.enabled() is expected
 
 
-def test_native_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_switch_warns_on_other_values(monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(native.NATIVE_ENV, "maybe")
+    with caplog.at_level(logging.WARNING, logger="mnistbench.native.build"):
+        assert native.enabled()
+    assert "MNISTBENCH_NATIVE='maybe' is not one of 0, false, off, no (off)" in caplog.text
+
+
+def test_switched_off_kernels_are_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     native._library.cache_clear()
     try:
@@ -213,3 +264,20 @@ def test_front_kernels_change_only_low_bits_of_training(monkeypatch: pytest.Monk
     for a, b in zip(with_kernels, without):
         assert a.final_train_loss == pytest.approx(b.final_train_loss, rel=1e-4)
         assert a.final_accuracy == pytest.approx(b.final_accuracy, abs=0.02)
+
+
+def test_run_keys_tell_the_kernels_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store never mixes convolution runs trained with and without the kernels."""
+    matrix = parse_matrix({"name": "keys", "seeds": 2, "factors": {"conv": [False, True]}})
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(native, "available", lambda: True)
+    with_kernels = key_runs(matrix, "md5", cpu)
+    monkeypatch.setattr(native, "available", lambda: False)
+    without = key_runs(matrix, "md5", cpu)
+    for (cell, seed, key), (_, _, other) in zip(with_kernels, without):
+        if cell.settings.conv:
+            assert key != other, (cell.cell_id, seed)
+        else:
+            assert key == other, (cell.cell_id, seed)
+    on_gpu = key_runs(matrix, "md5", torch.device("cuda"))
+    assert {key for _, _, key in on_gpu}.isdisjoint(key for _, _, key in without)

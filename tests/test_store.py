@@ -17,6 +17,7 @@ import pytest
 from builders import Planned, build_store, synthetic_result
 from mnistbench.errors import StoreError
 from mnistbench.matrix import Criteria, Settings, parse_matrix
+from mnistbench import store as store_module
 from mnistbench.store import Store, run_key
 
 MATRIX = {"name": "t", "seeds": 2, "factors": {"activation": ["relu", "sigmoid"]}}
@@ -29,7 +30,9 @@ def test_run_key_is_stable_and_sensitive() -> None:
     assert len(key) == 16
     changed = {**settings, "lr": settings["lr"] * 2}
     assert len({key, run_key(changed, 0, "md5", "cpu"), run_key(settings, 1, "md5", "cpu"),
-                run_key(settings, 0, "other", "cpu"), run_key(settings, 0, "md5", "cuda")}) == 5
+                run_key(settings, 0, "other", "cpu"), run_key(settings, 0, "md5", "cuda"),
+                run_key(settings, 0, "md5", "cpu", "native"),
+                run_key(settings, 0, "md5", "cpu", "torch")}) == 7
 
 
 def test_frames_hold_one_row_per_run_and_epoch(tmp_path: Path) -> None:
@@ -222,3 +225,33 @@ def test_store_under_a_file_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"cannot create store .*blocker/x\.sqlite: .*blocker "
                                          r"is a file, not a directory"):
         Store(blocker / "x.sqlite")
+
+
+def test_store_in_read_only_directory_opens_for_reading(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """In WAL mode a reader needs to create the -shm file, which a read-only mount forbids."""
+    path = tmp_path / "s.sqlite"
+    build_store(path, MATRIX, lambda cell, seed: Planned(accuracy=0.9)).close()
+    assert not path.with_name("s.sqlite-wal").exists()  # folded in on close
+    monkeypatch.setattr(store_module, "_writable", lambda directory: False)
+    with Store(path, readonly=True) as store:
+        assert len(store.runs_frame("t")) == 4
+
+
+def test_store_in_read_only_directory_with_pending_wal(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.sqlite"
+    build_store(path, MATRIX, lambda cell, seed: Planned(accuracy=0.9)).close()
+    path.with_name("s.sqlite-wal").write_bytes(b"\0" * 32)
+    monkeypatch.setattr(store_module, "_writable", lambda directory: False)
+    with pytest.raises(StoreError, match=r"has changes in s.sqlite-wal that SQLite cannot "
+                                         r"read in a read-only directory; copy both files"):
+        Store(path, readonly=True)
+
+
+def test_store_that_cannot_be_written_names_the_directory(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(store_module, "_writable", lambda directory: False)
+    with pytest.raises(StoreError, match=r"cannot write store /proc/s.sqlite: its directory "
+                                         r"is read-only; choose a --store path"):
+        Store("/proc/s.sqlite")

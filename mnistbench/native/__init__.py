@@ -3,49 +3,37 @@
 In torch's operations, the front's element-wise work took a dozen operations per
 seed and band, each a pass over memory or a Python call: three taps, a bias, a
 max-pool and the gradient sums of four parameters. So did the first layer's constant
-windows. ``front.c`` and ``tails.c`` do each in one call per step. They are compiled with the system's C
-compiler on first use and kept in the cache directory under a name that hashes the
-sources and the flags, so every worker process loads the same library.
+windows. ``front.c`` and ``tails.c`` do each in one call per step.
+:mod:`mnistbench.native.build` compiles them with the system's C compiler on first use
+and caches the library, so every worker process loads the same one.
 
     if native.available():
         native.front_forward(windows, layout, packings, taps, bias, "max", pooled)
         sums = native.front_sums(windows, layout, packings, taps, bias, "max", grad)
 
 Where no compiler is found or the build fails, ``available()`` is False and the engine
-uses torch's operations; a run's numbers then differ in the low bits. Set
-``MNISTBENCH_NATIVE=0`` to use torch's operations on purpose.
+uses torch's operations. A run's numbers then differ from the first rounding on, and
+a run that is sensitive to them (ReLU at a high learning rate) can end far from the
+other. Set ``MNISTBENCH_NATIVE=0`` to use torch's operations on purpose.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from mnistbench.data import cache_dir
+from mnistbench.native.build import NATIVE_ENV, BuildError, build, enabled, load
 
 if TYPE_CHECKING:
     from mnistbench.windows import Packing, WindowLayout
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("front.c", "tails.c"))
-NATIVE_ENV = "MNISTBENCH_NATIVE"
-# No fused multiply-adds: the backward kernel computes each pooled pair again and must
-# round as the forward kernel did, and the compiler could fuse in one inlined copy of
-# a formula and not in another.
-FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi")
 MODES = {"plain": 0, "max": 1, "pair": 2}
 # The activations whose derivative front_sums computes from their output.
 DERIVATIVES = {"relu": 1, "sigmoid": 2, "tanh": 3}
@@ -71,23 +59,16 @@ def available() -> bool:
     return _library() is not None
 
 
-def vector_flags() -> tuple[str, ...]:
-    """Return the compiler flags for the CPU's vector extensions that torch also uses."""
-    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in (
-            "AVX2", "AVX512"):
-        return ("-mavx2", "-mfma")
-    return ()
-
-
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(NATIVE_ENV, "1") == "0":
+    if not enabled():
         return None
     try:
-        path = build()
-        library = ctypes.CDLL(str(path))
-    except (BuildError, OSError) as error:
-        log.warning("%s; the convolution front uses torch's operations instead", error)
+        library = load(build())
+    except BuildError as error:
+        log.warning("%s. The convolution front uses torch's operations instead. Install "
+                    "a C compiler or set $CC to use the compiled kernels, or set %s=0 to "
+                    "turn them off without this warning", error, NATIVE_ENV)
         return None
     for name in ("front_forward", "front_sums"):
         getattr(library, name).restype = ctypes.c_int
@@ -109,49 +90,6 @@ def _library() -> ctypes.CDLL | None:
     library.constant_gradient.restype = ctypes.c_int
     library.constant_gradient.argtypes = [pointer, size, *bands, pointer, pointer]
     return library
-
-
-class BuildError(RuntimeError):
-    """The kernels could not be compiled: no C compiler, or the compiler failed."""
-
-
-def build(directory: Path | None = None) -> Path:
-    """Compile the kernels into ``directory`` (default: the cache's ``native``) unless an
-    identical build is there, and return the library's path.
-
-    Raises:
-        BuildError: no C compiler was found (``$CC``, ``cc`` or ``gcc``), or it failed.
-    """
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise BuildError("no C compiler found ($CC, cc or gcc) to build the native kernels")
-    flags = FLAGS + vector_flags()
-    source = b"".join(path.read_bytes() for path in SOURCES)
-    digest = hashlib.sha256(source + " ".join((compiler,) + flags).encode()).hexdigest()[:16]
-    directory = cache_dir() / "native" if directory is None else directory
-    target = directory / f"kernels-{digest}.so"
-    if target.exists():
-        return target
-    partial = None
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        # Build under a temporary name and rename: workers that build at once each
-        # write their own file, and the rename is atomic.
-        handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
-        os.close(handle)
-        result = subprocess.run([compiler, *flags, "-o", partial, *map(str, SOURCES)],
-                                capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise BuildError(f"{compiler} failed to build the native kernels "
-                             f"(exit {result.returncode}): {result.stderr.strip()[:500]}")
-        os.replace(partial, target)
-    except (OSError, subprocess.SubprocessError) as error:
-        raise BuildError(f"could not build the native kernels in {directory}: {error}"
-                         ) from error
-    finally:
-        if partial is not None and os.path.exists(partial):
-            os.unlink(partial)
-    return target
 
 
 def _band_arrays(packings: Sequence[Packing]) -> tuple[torch.Tensor, ...]:
