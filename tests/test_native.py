@@ -50,10 +50,15 @@ def test_damaged_library_is_built_again(tmp_path, damage: str) -> None:
     """Loading a cut-off shared library can crash the process, so it is never loaded."""
     path = native.build(tmp_path)
     whole = path.read_bytes()
+    # The damaged file replaces the library, as a copy would. Writing into the file
+    # itself would cut off the library this process has loaded and crash it.
+    damaged = tmp_path / "damaged"
     if damage == "cut off":
-        path.write_bytes(whole[:20_000])
+        damaged.write_bytes(whole[:20_000])
+        damaged.replace(path)
     elif damage == "overwritten":
-        path.write_bytes(b"not a shared library")
+        damaged.write_bytes(b"not a shared library")
+        damaged.replace(path)
     else:
         path.with_suffix(".sha256").unlink()
     assert native.build(tmp_path) == path
