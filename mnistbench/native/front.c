@@ -107,6 +107,44 @@ static int64_t longest_band(const int64_t *bands, const int64_t *band_counts, in
     return longest;
 }
 
+/* The arguments that locate every seed's windows and bands, as both kernels take them. */
+typedef struct {
+    const uint8_t *windows;
+    int64_t seed_stride, example_stride, pixels, count;
+    const int64_t *bands, *offsets, *band_counts;
+    int64_t max_bands, seeds, variants;
+} Walk;
+
+/* Called for member m and one example's windows in one band: `values` holds their
+ * pixels as padded rows (see load_pixels), n windows stored from offset `at`. */
+typedef void (*RowVisitor)(void *context, int64_t m, const float *values, int64_t n,
+                           int64_t at);
+
+/* Visit every member's packed rows, seed by seed, band by band, example by example.
+ * Returns 0, or -1 when memory runs out. */
+static int walk_rows(const Walk *w, RowVisitor visit, void *context) {
+    int64_t longest = longest_band(w->bands, w->band_counts, w->seeds, w->max_bands);
+    float *values = malloc(sizeof(float) * MAX_PIXELS * padded(longest));
+    if (values == NULL) return -1;
+    for (int64_t s = 0; s < w->seeds; s++) {
+        Seed seed = seed_at(w->windows, w->seed_stride, w->bands, w->offsets, w->band_counts,
+                            w->max_bands, s);
+        for (int64_t b = 0; b < seed.band_count; b++) {
+            int64_t first = seed.bands[b * 3], start = seed.bands[b * 3 + 1];
+            int64_t n = seed.bands[b * 3 + 2] - start;
+            int64_t rows = n ? (seed.offsets[b + 1] - seed.offsets[b]) / n : 0;
+            for (int64_t r = 0; r < rows; r++) {
+                load_pixels(values, seed.windows + (first + r) * w->example_stride, w->count,
+                            w->pixels, start, n);
+                for (int64_t v = 0; v < w->variants; v++)
+                    visit(context, s * w->variants + v, values, n, seed.offsets[b] + r * n);
+            }
+        }
+    }
+    free(values);
+    return 0;
+}
+
 /* Store the first `count` values of v (all of them when count >= WIDTH). */
 static inline void store_part(float *p, vec v, int64_t count) {
     if (count >= WIDTH) {
@@ -170,6 +208,20 @@ static void forward_row_of(Taps t, const float *p, int64_t n, int mode, int acti
     }
 }
 
+typedef struct {
+    const float *taps, *bias;
+    int mode, activation;
+    float *out0, *out1;
+    int64_t stride;
+} ForwardContext;
+
+static void visit_forward(void *context, int64_t m, const float *values, int64_t n,
+                          int64_t at) {
+    const ForwardContext *c = context;
+    forward_row_of(taps_of(c->taps, c->bias, m), values, n, c->mode, c->activation,
+                   c->out0 + m * c->stride + at, c->out1 ? c->out1 + m * c->stride + at : NULL);
+}
+
 /*
  * Write each member's convolution outputs at its seed's packed windows, and zeros
  * from its seed's length to `width`.
@@ -188,34 +240,16 @@ int front_forward(const uint8_t *windows, int64_t seed_stride, int64_t example_s
                   int64_t seeds, int64_t variants, const float *taps, const float *bias,
                   int mode, int activation, float *out0, float *out1, int64_t stride,
                   int64_t width) {
-    int64_t longest = longest_band(bands, band_counts, seeds, max_bands);
-    float *values = malloc(sizeof(float) * MAX_PIXELS * padded(longest));
-    if (values == NULL) return -1;
-    for (int64_t s = 0; s < seeds; s++) {
-        Seed seed = seed_at(windows, seed_stride, bands, offsets, band_counts, max_bands, s);
-        for (int64_t b = 0; b < seed.band_count; b++) {
-            int64_t first = seed.bands[b * 3], start = seed.bands[b * 3 + 1];
-            int64_t n = seed.bands[b * 3 + 2] - start;
-            int64_t rows = n ? (seed.offsets[b + 1] - seed.offsets[b]) / n : 0;
-            for (int64_t r = 0; r < rows; r++) {
-                load_pixels(values, seed.windows + (first + r) * example_stride, count, pixels,
-                            start, n);
-                int64_t at = seed.offsets[b] + r * n;
-                for (int64_t v = 0; v < variants; v++) {
-                    int64_t m = s * variants + v;
-                    forward_row_of(taps_of(taps, bias, m), values, n, mode, activation,
-                                   out0 + m * stride + at, out1 ? out1 + m * stride + at : NULL);
-                }
-            }
-        }
-        int64_t length = seed.offsets[seed.band_count];
-        for (int64_t v = 0; v < variants; v++) {
-            int64_t m = s * variants + v;
-            memset(out0 + m * stride + length, 0, sizeof(float) * (width - length));
-            if (out1) memset(out1 + m * stride + length, 0, sizeof(float) * (width - length));
-        }
+    Walk walk = {windows, seed_stride, example_stride, pixels, count, bands, offsets,
+                 band_counts, max_bands, seeds, variants};
+    ForwardContext context = {taps, bias, mode, activation, out0, out1, stride};
+    if (walk_rows(&walk, visit_forward, &context) != 0) return -1;
+    for (int64_t m = 0; m < seeds * variants; m++) {
+        int64_t s = m / variants;
+        int64_t length = offsets[s * (max_bands + 1) + band_counts[s]];
+        memset(out0 + m * stride + length, 0, sizeof(float) * (width - length));
+        if (out1) memset(out1 + m * stride + length, 0, sizeof(float) * (width - length));
     }
-    free(values);
     return 0;
 }
 
@@ -312,6 +346,22 @@ static void sums_row_of(Sums *acc, Taps t, const float *p, int64_t n, int mode,
     }
 }
 
+typedef struct {
+    Sums *acc;
+    const float *taps, *bias;
+    int mode, activation;
+    const float *g0, *output, *other;
+    int64_t stride;
+} SumsContext;
+
+static void visit_sums(void *context, int64_t m, const float *values, int64_t n, int64_t at) {
+    const SumsContext *c = context;
+    int64_t row = m * c->stride + at;
+    sums_row_of(&c->acc[m], taps_of(c->taps, c->bias, m), values, n, c->mode, c->activation,
+                c->g0 + row, c->output ? c->output + row : NULL,
+                c->other ? c->other + row : NULL);
+}
+
 /*
  * Sum each member's gradient with respect to its convolution outputs against their
  * inputs: sums[m] = (dL/dw0, dL/dw1, dL/dw2, dL/db), over its seed's packed windows.
@@ -330,44 +380,25 @@ int front_sums(const uint8_t *windows, int64_t seed_stride, int64_t example_stri
                int64_t variants, const float *taps, const float *bias, int mode,
                int activation, const float *g0, const float *output, const float *other,
                int64_t stride, float *sums) {
-    int64_t longest = longest_band(bands, band_counts, seeds, max_bands);
-    float *values = malloc(sizeof(float) * MAX_PIXELS * padded(longest));
-    Sums *acc = aligned_alloc(sizeof(vec), sizeof(Sums) * (size_t)variants);
-    if (values == NULL || acc == NULL) {
-        free(values);
+    int64_t members = seeds * variants;
+    Sums *acc = aligned_alloc(sizeof(vec), sizeof(Sums) * (size_t)members);
+    if (acc == NULL) return -1;
+    memset(acc, 0, sizeof(Sums) * (size_t)members);
+    Walk walk = {windows, seed_stride, example_stride, pixels, count, bands, offsets,
+                 band_counts, max_bands, seeds, variants};
+    SumsContext context = {acc, taps, bias, mode, activation, g0, output, other, stride};
+    if (walk_rows(&walk, visit_sums, &context) != 0) {
         free(acc);
         return -1;
     }
-    for (int64_t s = 0; s < seeds; s++) {
-        Seed seed = seed_at(windows, seed_stride, bands, offsets, band_counts, max_bands, s);
-        memset(acc, 0, sizeof(Sums) * (size_t)variants);
-        for (int64_t b = 0; b < seed.band_count; b++) {
-            int64_t first = seed.bands[b * 3], start = seed.bands[b * 3 + 1];
-            int64_t n = seed.bands[b * 3 + 2] - start;
-            int64_t rows = n ? (seed.offsets[b + 1] - seed.offsets[b]) / n : 0;
-            for (int64_t r = 0; r < rows; r++) {
-                load_pixels(values, seed.windows + (first + r) * example_stride, count, pixels,
-                            start, n);
-                int64_t at = seed.offsets[b] + r * n;
-                for (int64_t v = 0; v < variants; v++) {
-                    int64_t m = s * variants + v;
-                    int64_t row = m * stride + at;
-                    sums_row_of(&acc[v], taps_of(taps, bias, m), values, n, mode, activation,
-                             g0 + row, output ? output + row : NULL,
-                             other ? other + row : NULL);
-                }
-            }
+    for (int64_t m = 0; m < members; m++)
+        for (int k = 0; k < 4; k++) {
+            float lanes[LANES], total = 0.0f;
+            store(lanes, acc[m].sum[k][0]);
+            store(lanes + WIDTH, acc[m].sum[k][1]);
+            for (int l = 0; l < LANES; l++) total += lanes[l];
+            sums[m * 4 + k] = total;
         }
-        for (int64_t v = 0; v < variants; v++)
-            for (int k = 0; k < 4; k++) {
-                float lanes[LANES], total = 0.0f;
-                store(lanes, acc[v].sum[k][0]);
-                store(lanes + WIDTH, acc[v].sum[k][1]);
-                for (int l = 0; l < LANES; l++) total += lanes[l];
-                sums[(s * variants + v) * 4 + k] = total;
-            }
-    }
-    free(values);
     free(acc);
     return 0;
 }
