@@ -170,18 +170,16 @@ def _front_gradients(block: Block, trace: Trace, grads: dict[str, torch.Tensor],
         result = Gradients(grads, (trace.first_input, grad), trace.bands, packings, constant)
         inputs_grad = input_gradient(grad, weight, packings)  # (M, L)
     if trace.rows.dtype == torch.uint8:  # the compiled kernels read the windows
-        sums = _native_taps_sums(block, trace, inputs_grad)
-        grads["conv_weight"] = sums[:, :CONV_TAPS].contiguous()
-        grads["conv_bias"] = sums[:, CONV_TAPS:].contiguous()
+        sums = _native_taps_sums(block, trace, inputs_grad)  # (M, 4)
     elif not block.pool:
         shares = act.backward(inputs_grad, trace.front_out, trace.front_in)
-        sums = _taps_sums(block, shares[:, None], trace.rows, packings)[:, 0]  # (M, 4)
-        grads["conv_weight"] = sums[:, :CONV_TAPS].contiguous()
-        grads["conv_bias"] = sums[:, CONV_TAPS:].contiguous()
+        sums = _taps_sums(block, shares[:, None], trace.rows, packings)[:, 0]
     else:
         even, odd = _pooled_taps_sums(block, trace, inputs_grad)
-        grads["conv_weight"] = even[:, :CONV_TAPS] + odd[:, 1:CONV_TAPS + 1]
-        grads["conv_bias"] = even[:, CONV_TAPS + 1:] + odd[:, CONV_TAPS + 1:]
+        sums = torch.cat([even[:, :CONV_TAPS] + odd[:, 1:CONV_TAPS + 1],
+                          even[:, CONV_TAPS + 1:] + odd[:, CONV_TAPS + 1:]], dim=1)
+    grads["conv_weight"] = sums[:, :CONV_TAPS].contiguous()
+    grads["conv_bias"] = sums[:, CONV_TAPS:].contiguous()
     if trace.bands is not None:
         # Outside the packed windows every output equals the bias, and with pooling the
         # even output passes the gradient on. The bias gets act'(b) times its share.

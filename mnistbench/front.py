@@ -53,7 +53,7 @@ def run_front(block: Block, images: torch.Tensor, bands: list[tuple[Band, ...]] 
         packings = [Packing.whole(batch, count)] * seeds
     else:
         packings = [Packing.of(seed_bands, batch, count) for seed_bands in bands]
-    if uses_native(block):
+    if native.runs_on(block.device):
         return _native_front(block, images, packings, for_backward)
     if images.stride(0) == 0:  # one batch for every seed, as in evaluation
         rows = packed_rows(images[:1], block.layout, packings[:1]).expand(seeds, -1, -1)
@@ -72,11 +72,6 @@ def run_front(block: Block, images: torch.Tensor, bands: list[tuple[Band, ...]] 
         front_in, front_out, gap, output = _activate_pairs(act, front_in, for_backward)
     return FrontPass(rows, front_in if act.needs_input else None, front_out, gap, output,
                      packings)
-
-
-def uses_native(block: Block) -> bool:
-    """Whether the block's front runs in the compiled kernels (:mod:`mnistbench.native`)."""
-    return block.device.type == "cpu" and native.available()
 
 
 def _native_front(block: Block, images: torch.Tensor, packings: list[Packing],

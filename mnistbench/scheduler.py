@@ -154,8 +154,8 @@ def _split(members: list[Member], parts: int) -> list[list[Member]]:
 def key_runs(matrix: Matrix, dataset_md5: str, device: torch.device) -> list[tuple[Cell, int, str]]:
     """Return ``(cell, seed, run key)`` for every run of the matrix, in matrix order.
 
-    On the CPU the key of a run with the convolution front says whether the compiled
-    kernels train it, so that a store never mixes runs trained both ways.
+    On the CPU the key of a run with the convolution front records whether the
+    compiled kernels train it, so that a store never mixes runs trained both ways.
     """
     kernels = None
     if device.type == "cpu" and any(cell.settings.conv for cell in matrix.cells()):

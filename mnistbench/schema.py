@@ -104,7 +104,7 @@ def run_key(settings: dict, seed: int, dataset_md5: str, device_type: str,
         device_type: ``"cpu"`` or ``"cuda"``; the two do not give bit-identical numbers.
         front_kernels: for a run with the convolution front on the CPU, ``"native"``
             when the compiled kernels train it and ``"torch"`` when torch's operations
-            do; their numbers differ too. None leaves it out of the key.
+            do. The two give different numbers. None leaves it out of the key.
     """
     payload = {
         "settings": settings,

@@ -130,9 +130,9 @@ class Store:
     def _readonly_uri(self) -> str:
         """Return the URI that opens the store for reading.
 
-        In WAL mode even a reader needs to create the store's ``-shm`` file. In a
-        read-only directory nobody can be writing the store, so it opens as immutable,
-        unless a ``-wal`` file contains changes that only a writer could fold in.
+        In WAL mode even a reader needs to create the store's ``-shm`` file. No process
+        can write a store in a read-only directory, so it opens as immutable, unless a
+        ``-wal`` file contains changes that only a writer could fold in.
         """
         uri = f"file:{self.path.resolve()}?mode=ro"
         if _writable(self.path.parent):

@@ -216,7 +216,7 @@ def first_layer(packed: torch.Tensor, weight: torch.Tensor, constant: torch.Tens
                 torch.bmm(block, w[:, start:stop], out=target)
             else:
                 _add_product(target[:, first:], block, w[:, start:stop])
-    if _native(weight):
+    if native.runs_on(weight.device):
         return out, native.first_layer_tails(weight, out, constant, packings)
     tails = torch.zeros(members, max(len(p.bands) for p in packings), width,
                         device=weight.device)
@@ -242,11 +242,6 @@ def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: 
     pooled convolution step, measured).
     """
     target.add_(torch.bmm(a, b), alpha=alpha)
-
-
-def _native(tensor: torch.Tensor) -> bool:
-    """Whether the compiled kernels (:mod:`mnistbench.native`) handle this tensor's work."""
-    return tensor.device.type == "cpu" and native.available()
 
 
 def input_gradient(grad: torch.Tensor, weight: torch.Tensor, packings: Sequence[Packing]
@@ -281,7 +276,7 @@ def add_weight_gradient(out: torch.Tensor, packed: torch.Tensor, grad: torch.Ten
                 target[:, start:stop].baddbmm_(block.transpose(1, 2), g[:, first:], alpha=alpha)
             else:
                 _add_product(target[:, start:stop], block.transpose(1, 2), g[:, first:], alpha)
-    if _native(out):
+    if native.runs_on(out.device):
         native.first_layer_weight_tails(out, grad, constant, packings, alpha)
         return
     for _, runs, packing in seed_members(packings, variants):
@@ -296,7 +291,7 @@ def constant_gradient(grad: torch.Tensor, tails: torch.Tensor, packings: Sequenc
     """Return the gradient with respect to each run's constant, ``(M,)``: every example's
     output gradient against the sum of the weight rows where its input is the constant
     (``tails`` from :func:`first_layer`)."""
-    if _native(grad):
+    if native.runs_on(grad.device):
         return native.constant_gradient(grad, tails, packings)
     variants = grad.shape[0] // len(packings)
     out = torch.empty(grad.shape[0], device=grad.device)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,6 +59,12 @@ def available() -> bool:
     return _library() is not None
 
 
+def runs_on(device: torch.device) -> bool:
+    """Return whether the compiled kernels do the front's work for tensors on ``device``:
+    on the CPU when they loaded, never on a GPU."""
+    return device.type == "cpu" and available()
+
+
 @cache
 def _library() -> ctypes.CDLL | None:
     if not enabled():
@@ -93,6 +99,12 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _band_arrays(packings: Sequence[Packing]) -> tuple[torch.Tensor, ...]:
+    return _band_arrays_of(tuple(packings))
+
+
+# A step calls up to five kernels with the same packings, so their arrays are built once.
+@lru_cache(maxsize=8)
+def _band_arrays_of(packings: tuple[Packing, ...]) -> tuple[torch.Tensor, ...]:
     """Flatten each seed's bands ``(S, max_bands, 3)``, offsets ``(S, max_bands + 1)``
     and band count ``(S,)`` into int64 tensors, padded with zeros."""
     max_bands = max(len(p.bands) for p in packings)

@@ -10,9 +10,9 @@
  *
  * front_forward writes each member's convolution outputs for its seed's packed
  * windows; front_sums sums a member's gradient against its taps' inputs. A member's
- * numbers depend only on its own taps and gradient and its seed's windows and
- * bands, never on the other members of the stack or on the padded row length, so a
- * run gives the same bits alone and stacked. Every value is computed in vectors: a
+ * numbers depend only on its own taps and gradient and its seed's windows and bands.
+ * Neither the other members of the stack nor the padded row length changes them, so
+ * a run gives the same bits alone and stacked. Every value is computed in vectors: a
  * row's last values are padded with zeros to a whole vector. Build with
  * -ffp-contract=off, so that the compiler fuses no multiply and add.
  */
@@ -115,8 +115,9 @@ typedef struct {
     int64_t max_bands, seeds, variants;
 } Walk;
 
-/* Called for member m and one example's windows in one band: `values` holds their
- * pixels as padded rows (see load_pixels), n windows stored from offset `at`. */
+/* A callback for member m and one example's n windows in one band. `values` contains
+ * their pixels as padded rows (see load_pixels), and the windows are stored from
+ * offset `at`. */
 typedef void (*RowVisitor)(void *context, int64_t m, const float *values, int64_t n,
                            int64_t at);
 
@@ -371,7 +372,7 @@ static void visit_sums(void *context, int64_t m, const float *values, int64_t n,
  *   the taps and bias to route it.
  * MODE_PAIR: g0 and other are the gradients of the even and the odd outputs.
  * With an activation other than ACT_NONE, g0 is the gradient of the activation's
- * output, which `output` holds (MODE_PLAIN and MODE_MAX).
+ * output, and `output` contains that output (MODE_PLAIN and MODE_MAX).
  * Returns 0, or -1 when memory runs out.
  */
 int front_sums(const uint8_t *windows, int64_t seed_stride, int64_t example_stride,

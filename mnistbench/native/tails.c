@@ -3,9 +3,9 @@
  *
  * Where a window's pixels are all zero, the first Linear's input is each run's
  * constant c = act(b), and the packed products leave it out (see mnistbench/windows.py).
- * Examples first to last - 1 of a seed's batch are packed up to window `stop` (a
- * "tail row" group); windows start to stop - 1 hold the constant for the batch's
- * first `examples` examples (a "tail column" range). These functions add the
+ * A "tail row" group is examples first to last - 1 of a seed's batch, packed up to
+ * window `stop`. A "tail column" range is windows start to stop - 1, which contain the
+ * constant for the batch's first `examples` examples. These functions add the
  * constant's share to the layer's output, its weight update and the bias's gradient,
  * in one call per step where torch took several operations per seed and band.
  *
@@ -28,9 +28,9 @@ static void tail_rows(const int64_t *bands, int64_t band_count, int64_t batch, i
 }
 
 /*
- * For each member m of seed s and each band k: tails[m][k] = the sum of weight rows
- * stop_k to windows - 1, summed from the last row down; then add c_m * tails[m][k]
- * to out[m][b] for the examples b of group k.
+ * Sum each member's weight rows past each band's stop into tails[m][k], from the last
+ * row down to stop_k. Then add c_m * tails[m][k] to out[m][b] for the examples b of
+ * group k.
  *
  * weight: (M, windows, hidden); out: (M, batch, hidden); tails: (M, max_bands, hidden),
  * zero for the bands a seed lacks.
@@ -99,8 +99,8 @@ int first_layer_weight_tails(float *out, int64_t windows, int64_t hidden, const 
             float c = constant[m];
             memset(summed, 0, sizeof(float) * hidden);
             int64_t example = 0;
-            /* The range after band k's stop holds the constant for the examples before
-             * band k + 1's first (all of them after the last band). */
+            /* The range after band k's stop contains the constant for the examples
+             * before band k + 1's first, and after the last band for all of them. */
             for (int64_t k = 0; k < count; k++) {
                 int64_t start = seed_bands[k * 3 + 2];
                 int64_t stop = k + 1 < count ? seed_bands[(k + 1) * 3 + 2] : windows;
@@ -124,8 +124,8 @@ int first_layer_weight_tails(float *out, int64_t windows, int64_t hidden, const 
 }
 
 /*
- * The gradient with respect to each member's constant: every example's output
- * gradient grad[m][b] against the tails of its group, summed group by group.
+ * Compute the gradient with respect to each member's constant: every example's
+ * output gradient grad[m][b] against the tails of its group, summed group by group.
  *
  * grad: (M, batch, hidden); tails: as first_layer_tails wrote them; out: (M,).
  * Returns 0, or -1 when memory runs out.
