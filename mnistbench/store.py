@@ -467,12 +467,13 @@ def duplicated_runs(members: Iterable[tuple[str, int, str]]) -> list[tuple[str, 
 
     Returns:
         ``(cell_id, seed, run keys)`` of each duplicated cell and seed, in the order of
-        ``members``.
+        ``members``, with the run keys sorted.
     """
     keys: dict[tuple[str, int], list[str]] = {}
     for cell_id, seed, key in members:
         keys.setdefault((cell_id, int(seed)), []).append(key)
-    return [(cell_id, seed, found) for (cell_id, seed), found in keys.items() if len(found) > 1]
+    return [(cell_id, seed, sorted(found)) for (cell_id, seed), found in keys.items()
+            if len(found) > 1]
 
 
 def describe_duplicates(duplicated: list[tuple[str, int, list[str]]],
