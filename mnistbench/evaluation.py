@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mnistbench.features import IMAGE_PIXELS, Band, zero_skipping_bands
+from mnistbench.features import Band, zero_skipping_bands
 from mnistbench.initialization import NUM_CLASSES
 from mnistbench.model import Block
 
@@ -123,6 +123,7 @@ def _rows_of(bands: tuple[Band, ...], offset: int, count: int) -> tuple[Band, ..
 def _chunk_size(block: Block) -> int:
     """Return the examples per chunk: a multiple of ``TILE`` that keeps activations near
     ``EVAL_ELEMENTS``."""
-    # The convolution front's output, (M, chunk, 782), is the largest tensor when on.
-    per_example = block.members * max(block.width, IMAGE_PIXELS if block.conv else 0)
+    # The convolution front's output, (M, chunk, windows), is the largest tensor when on:
+    # 782 windows per example, or 391 with pooling.
+    per_example = block.members * max(block.width, block.layout.count if block.conv else 0)
     return max(1, EVAL_ELEMENTS // per_example // TILE) * TILE

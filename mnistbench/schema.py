@@ -18,7 +18,7 @@ SCHEMA_VERSION = 1
 
 # Bump when a change to the engine changes the numbers a run produces: old runs then
 # get new keys and train again instead of being mixed with new ones.
-NUMERICS_VERSION = 7
+NUMERICS_VERSION = 8
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

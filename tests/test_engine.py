@@ -523,7 +523,7 @@ def test_evaluation_does_not_depend_on_chunks(front: str, monkeypatch: pytest.Mo
     monkeypatch.setattr(evaluation, "SLAB", 128)  # three slabs: 128, 128 and 44 examples
 
     def logits(chunk_examples: int, extents: torch.Tensor | None) -> torch.Tensor:
-        per_example = block.members * (784 if settings.conv else 16)
+        per_example = block.members * (block.layout.count if settings.conv else 16)
         monkeypatch.setattr(evaluation, "EVAL_ELEMENTS", chunk_examples * per_example)
         pieces = []
         for x, _, bands in evaluation._chunks(block, images, labels, extents,

@@ -287,3 +287,117 @@ def test_run_keys_tell_the_kernels_apart(monkeypatch: pytest.MonkeyPatch) -> Non
             assert key == other, (cell.cell_id, seed)
     on_gpu = key_runs(matrix, "md5", torch.device("cuda"))
     assert {key for _, _, key in on_gpu}.isdisjoint(key for _, _, key in without)
+
+
+def _small_band_case(hidden: int):
+    """Two seeds of two runs whose batches of 11 examples have three bands each, with
+    random packed inputs, weights and output gradients."""
+    windows, batch, variants = 50, 11, 2
+    packings = [Packing.of((Band(0, 0, 21), Band(3, 21, 38), Band(6, 38, 41)), batch, windows),
+                Packing.of((Band(0, 0, 9), Band(1, 9, 30)), batch, windows)]
+    members = len(packings) * variants
+    generator = torch.Generator().manual_seed(hidden)
+    packed = torch.randn(members, packed_width(packings), generator=generator)
+    weight = torch.randn(members, windows, hidden, generator=generator)
+    grad = torch.randn(members, batch, hidden, generator=generator)
+    return packings, variants, packed, weight, grad
+
+
+def _small_bands(packings, variants):
+    """Yield each member, its seed's packing and each of its bands past the first."""
+    for s, packing in enumerate(packings):
+        for v in range(variants):
+            m = s * variants + v
+            for k, (band, low, high) in enumerate(zip(packing.bands, packing.offsets,
+                                                       packing.offsets[1:])):
+                if k > 0:
+                    yield m, band, low, high
+
+
+@needs_compiler
+@pytest.mark.parametrize("hidden", [1, 8, 13, 100])
+def test_small_band_kernels_match_torch_products(hidden: int) -> None:
+    packings, variants, packed, weight, grad = _small_band_case(hidden)
+    batch = packings[0].batch
+
+    out = torch.randn(grad.shape)
+    expected = out.double()
+    native.small_bands_forward(packed, weight, out, packings)
+    for m, (first, start, stop), low, high in _small_bands(packings, variants):
+        block = packed[m, low:high].view(batch - first, stop - start).double()
+        expected[m, first:] += block @ weight[m, start:stop].double()
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+
+    inputs_grad = torch.full_like(packed, 7.0)
+    native.small_bands_input_gradient(grad, weight, inputs_grad, packings)
+    written = torch.zeros_like(packed, dtype=torch.bool)
+    for m, (first, start, stop), low, high in _small_bands(packings, variants):
+        product = grad[m, first:].double() @ weight[m, start:stop].double().t()
+        torch.testing.assert_close(inputs_grad[m, low:high].view_as(product).double(), product,
+                                   rtol=1e-5, atol=1e-5)
+        written[m, low:high] = True
+    assert inputs_grad[~written].eq(7.0).all()  # the first bands and the padding untouched
+
+    updated = weight.clone()
+    expected = weight.double()
+    native.small_bands_weight_gradient(updated, packed, grad, packings, -0.5)
+    for m, (first, start, stop), low, high in _small_bands(packings, variants):
+        block = packed[m, low:high].view(batch - first, stop - start).double()
+        expected[m, start:stop] -= 0.5 * block.t() @ grad[m, first:].double()
+    torch.testing.assert_close(updated, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_small_band_kernels_give_a_run_the_same_bits_alone() -> None:
+    packings, variants, packed, weight, grad = _small_band_case(13)
+    m = 3  # seed 1, run 1
+    alone = ([packings[1]], slice(m, m + 1))
+    stacked = (packings, slice(None))
+    results = []
+    for chosen, runs in (stacked, alone):
+        out = torch.zeros(grad[runs].shape)
+        native.small_bands_forward(packed[runs], weight[runs].contiguous(), out, chosen)
+        inputs_grad = torch.zeros(packed[runs].shape)
+        native.small_bands_input_gradient(grad[runs].contiguous(), weight[runs].contiguous(),
+                                          inputs_grad, chosen)
+        updated = weight[runs].clone()
+        native.small_bands_weight_gradient(updated, packed[runs], grad[runs], chosen, -1.0)
+        results.append((out[-1], inputs_grad[-1], updated[-1]))
+    for stacked_result, alone_result in zip(*results):
+        assert torch.equal(stacked_result, alone_result)
+
+
+@needs_compiler
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_hidden_kernel_matches_torch(activation: str) -> None:
+    """The bias, the activation and dropout in one pass: ReLU and dropout bit for bit, the
+    sigmoid to float32 rounding."""
+    seeds, variants, batch, hidden = 2, 3, 5, 13
+    members = seeds * variants
+    generator = torch.Generator().manual_seed(0)
+    pre = torch.randn(members, batch, hidden, generator=generator) * 8
+    pre[0, 0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 100.0, -100.0, 0.0])
+    bias = torch.randn(members, hidden, generator=generator)
+    uniform = torch.rand(seeds, batch, hidden, generator=generator)
+    drop = torch.tensor([0.0, 0.5, 0.2] * seeds)
+    expected = getattr(torch, activation)(pre + bias[:, None])
+    keep = (uniform.repeat_interleave(variants, dim=0) >= drop[:, None, None]).float()
+    keep *= 1.0 / (1.0 - drop[:, None, None])
+
+    hidden_units, kept, dropped = native.hidden_forward(pre.clone(), bias, activation,
+                                                        uniform, drop)
+    if activation == "relu":
+        assert torch.equal(hidden_units.nan_to_num(-1.0), expected.nan_to_num(-1.0))
+    else:
+        torch.testing.assert_close(hidden_units, expected, rtol=3e-7, atol=1e-37,
+                                   equal_nan=True)
+    assert hidden_units[0, 0, 0].isnan()
+    assert hidden_units[0, 0, 1] == (float("inf") if activation == "relu" else 1.0)
+    assert 0.0 <= hidden_units[0, 0, 2] < 1e-37  # a sigmoid below -87 is not quite 0
+    assert torch.equal(kept, keep)
+    assert torch.equal(dropped.nan_to_num(-1.0), (hidden_units * keep).nan_to_num(-1.0))
+
+    without = native.hidden_forward(pre.clone(), bias, activation, None, drop)
+    assert without[1] is None
+    assert without[2] is without[0]
+    assert torch.equal(without[0].nan_to_num(-1.0), hidden_units.nan_to_num(-1.0))

@@ -1,9 +1,12 @@
-"""Compiled kernels for the convolution front on the CPU, with torch's operations as the fallback.
+"""Compiled kernels for models with the convolution front on the CPU, with torch's
+operations as the fallback.
 
 In torch's operations, the front's element-wise work took a dozen operations per
 seed and band, each a pass over memory or a Python call: three taps, a bias, a
 max-pool and the gradient sums of four parameters. So did the first layer's constant
-windows. ``front.c`` and ``tails.c`` do each in one call per step.
+windows and its small bands, and the hidden layer's bias, activation and dropout took
+four passes. ``front.c``, ``tails.c``, ``bands.c`` and ``hidden.c`` do each in one call
+per step.
 :mod:`mnistbench.native.build` compiles them with the system's C compiler on first use
 and caches the library, so every worker process loads the same one.
 
@@ -37,9 +40,10 @@ log = logging.getLogger(__name__)
 MODES = {"plain": 0, "max": 1, "pair": 2}
 # The activations whose derivative front_sums computes from their output.
 DERIVATIVES = {"relu": 1, "sigmoid": 2, "tanh": 3}
-# The activations front_forward applies itself. ReLU is exact in either place; the
-# others stay in torch's kernels.
-ACTIVATIONS = {"relu": 1}
+# The activations that front_forward and hidden_forward apply themselves. ReLU is
+# exact in either place; the sigmoid differs from torch's kernel in the last bits.
+# tanh and GELU stay in torch's kernels.
+ACTIVATIONS = {"relu": 1, "sigmoid": 2}
 
 # Arguments both kernels start with: the windows, their seed and example strides, the
 # window layout, the bands, offsets and band counts, the maximum band count, seeds and
@@ -95,6 +99,20 @@ def _library() -> ctypes.CDLL | None:
                                                  ctypes.c_float]
     library.constant_gradient.restype = ctypes.c_int
     library.constant_gradient.argtypes = [pointer, size, *bands, pointer, pointer]
+    # bands, offsets, band counts, maximum band count, seeds, variants, batch
+    small = [pointer, pointer, pointer, size, size, size, size]
+    for name in ("small_bands_forward", "small_bands_input_gradient",
+                 "small_bands_weight_gradient"):
+        getattr(library, name).restype = ctypes.c_int
+    library.small_bands_forward.argtypes = [pointer, size, pointer, size, size, *small,
+                                            pointer]
+    library.small_bands_input_gradient.argtypes = [pointer, pointer, size, size, *small,
+                                                   pointer, size]
+    library.small_bands_weight_gradient.argtypes = [pointer, size, pointer, pointer, size,
+                                                    size, *small, ctypes.c_float]
+    library.hidden_forward.restype = None
+    library.hidden_forward.argtypes = [pointer, pointer, size, size, size, ctypes.c_int,
+                                       pointer, size, pointer, pointer, pointer, pointer]
     return library
 
 
@@ -205,6 +223,64 @@ def _band_args(packings: Sequence[Packing], members: int) -> tuple[list, tuple]:
              seeds, members // seeds, packings[0].batch], arrays)
 
 
+def _small_band_args(packings: Sequence[Packing], members: int) -> tuple[list, tuple]:
+    arrays = _band_arrays(packings)
+    seeds = len(packings)
+    return ([arrays[0].data_ptr(), arrays[1].data_ptr(), arrays[2].data_ptr(),
+             arrays[0].shape[0] // (3 * seeds), seeds, members // seeds, packings[0].batch],
+            arrays)
+
+
+def small_bands_forward(packed: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                        packings: Sequence[Packing]) -> None:
+    """Add the products of every band past each seed's first to the first layer's output
+    ``out`` ``(M, B, H)``: the packed inputs ``(M, L)`` against the weights ``(M,
+    windows, H)``, as :func:`mnistbench.windows.first_layer` adds them."""
+    members, windows, hidden = weight.shape
+    for tensor in (weight, out):
+        assert tensor.is_contiguous()
+    assert packed.stride(1) == 1
+    args, arrays = _small_band_args(packings, members)
+    status = _library().small_bands_forward(packed.data_ptr(), packed.stride(0),
+                                            weight.data_ptr(), windows, hidden, *args,
+                                            out.data_ptr())
+    if status != 0:
+        raise NativeError("small_bands_forward ran out of memory")
+
+
+def small_bands_input_gradient(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                               packings: Sequence[Packing]) -> None:
+    """Write the gradient of the packed inputs ``out`` ``(M, L)`` in every band past each
+    seed's first, from the output gradient ``grad`` ``(M, B, H)``."""
+    members, windows, hidden = weight.shape
+    for tensor in (grad, weight):
+        assert tensor.is_contiguous()
+    assert out.stride(1) == 1
+    args, arrays = _small_band_args(packings, members)
+    status = _library().small_bands_input_gradient(grad.data_ptr(), weight.data_ptr(),
+                                                   windows, hidden, *args, out.data_ptr(),
+                                                   out.stride(0))
+    if status != 0:
+        raise NativeError("small_bands_input_gradient ran out of memory")
+
+
+def small_bands_weight_gradient(out: torch.Tensor, packed: torch.Tensor, grad: torch.Tensor,
+                                packings: Sequence[Packing], alpha: float) -> None:
+    """Add ``alpha`` times the weight gradient of every band past each seed's first to
+    ``out`` ``(M, windows, H)``, from the packed inputs ``(M, L)`` and the output
+    gradient ``grad`` ``(M, B, H)``."""
+    members, windows, hidden = out.shape
+    assert out.is_contiguous()
+    grad = grad.contiguous()
+    assert packed.stride(1) == 1
+    args, arrays = _small_band_args(packings, members)
+    status = _library().small_bands_weight_gradient(packed.data_ptr(), packed.stride(0),
+                                                    grad.data_ptr(), out.data_ptr(), windows,
+                                                    hidden, *args, alpha)
+    if status != 0:
+        raise NativeError("small_bands_weight_gradient ran out of memory")
+
+
 def first_layer_tails(weight: torch.Tensor, out: torch.Tensor, constant: torch.Tensor,
                       packings: Sequence[Packing]) -> torch.Tensor:
     """Add each example's constant windows to the first layer's output ``out``
@@ -253,3 +329,42 @@ def constant_gradient(grad: torch.Tensor, tails: torch.Tensor, packings: Sequenc
     if status != 0:
         raise NativeError("constant_gradient ran out of memory")
     return out
+
+
+def hidden_forward(pre: torch.Tensor, bias: torch.Tensor, activation: str,
+                   uniform: torch.Tensor | None, drop: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Add the bias to the first layer's output, activate it and apply dropout, in one pass.
+
+    Args:
+        pre: ``(M, B, H)``, overwritten with the activated hidden units.
+        bias: ``(M, H)``.
+        activation: one of :data:`ACTIVATIONS`.
+        uniform: each seed's uniform draws ``(S, B, H)``, or None without dropout.
+        drop: ``(M,)``, each run's dropout probability; a run drops a unit where its
+            seed's draw is below it.
+
+    Returns:
+        The hidden units (``pre``), the dropout scale ``(M, B, H)`` (``1 / (1 - p)`` or
+        0, or None without dropout) and the hidden units after dropout.
+    """
+    members, batch, hidden = pre.shape
+    assert pre.is_contiguous()
+    bias = bias.contiguous()
+    keep = dropped = scale = None
+    if uniform is not None:
+        uniform = uniform.contiguous()
+        assert uniform.shape == (uniform.shape[0], batch, hidden)
+        assert members % uniform.shape[0] == 0
+        drop = drop.contiguous()
+        scale = 1.0 / (1.0 - drop)  # as torch's operations compute it
+        keep, dropped = torch.empty_like(pre), torch.empty_like(pre)
+    variants = members // uniform.shape[0] if uniform is not None else 1
+    _library().hidden_forward(
+        pre.data_ptr(), bias.data_ptr(), members, batch, hidden, ACTIVATIONS[activation],
+        None if uniform is None else uniform.data_ptr(), variants,
+        None if uniform is None else drop.data_ptr(),
+        None if scale is None else scale.data_ptr(),
+        None if keep is None else keep.data_ptr(),
+        None if dropped is None else dropped.data_ptr())
+    return pre, keep, pre if dropped is None else dropped

@@ -30,15 +30,19 @@ from mnistbench.data import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("front.c", "tails.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("front.c", "tails.c", "bands.c", "hidden.c"))
+HEADERS = (Path(__file__).with_name("vectors.h"),)
 SYMBOLS = ("front_forward", "front_sums", "first_layer_tails", "first_layer_weight_tails",
-           "constant_gradient")
+           "constant_gradient", "small_bands_forward", "small_bands_input_gradient",
+           "small_bands_weight_gradient", "hidden_forward")
 NATIVE_ENV = "MNISTBENCH_NATIVE"
 OFF = ("0", "false", "off", "no")
 ON = ("", "1", "true", "on", "yes")
-# No fused multiply-adds: the backward kernel computes each pooled pair again and must
-# round as the forward kernel did, and the compiler could fuse in one inlined copy of
-# a formula and not in another.
+# No fused multiply-adds of the compiler's choosing: the backward kernel computes each
+# pooled pair again and must round as the forward kernel did, and the compiler could
+# fuse in one inlined copy of a formula and not in another. The kernels fuse only where
+# they say so (vectors.h), the same way in every copy.
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi")
 # Temporary files older than this are left over from a build that was killed.
 STALE_SECONDS = 3600
@@ -91,7 +95,7 @@ def build(directory: Path | None = None) -> Path:
         BuildError: no C compiler was found, it failed, or its output does not load.
     """
     command = compiler_command() + list(FLAGS + vector_flags())
-    key = b"".join(path.read_bytes() for path in SOURCES)
+    key = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key += " ".join(command + [platform.system(), platform.machine()]).encode()
     directory = cache_dir() / "native" if directory is None else directory
     target = directory / f"kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"

@@ -14,38 +14,20 @@
  * Neither the other members of the stack nor the padded row length changes them, so
  * a run gives the same bits alone and stacked. Every value is computed in vectors: a
  * row's last values are padded with zeros to a whole vector. Build with
- * -ffp-contract=off, so that the compiler fuses no multiply and add.
+ * -ffp-contract=off, so that the compiler fuses no multiply and add; only the
+ * sigmoid's e^x fuses them, explicitly.
  */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "vectors.h"
+
 enum { MODE_PLAIN = 0, MODE_MAX = 1, MODE_PAIR = 2 };
-enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SIGMOID = 2, ACT_TANH = 3 };
 
 #define MAX_PIXELS 4
 #define TAPS 3
-#define WIDTH 8            /* floats per vector */
-#define LANES (2 * WIDTH)  /* floats per step of a loop: two vectors */
-
-/* GCC's and Clang's portable vectors, compiled to AVX2 where the flags allow. */
-typedef float vec __attribute__((vector_size(WIDTH * sizeof(float))));
-typedef int32_t mask __attribute__((vector_size(WIDTH * sizeof(float))));
-
-static inline vec load(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
-
-static inline vec splat(float x) { return (vec){x, x, x, x, x, x, x, x}; }
-
-static inline vec blend(mask m, vec a, vec b) {
-    return (vec)((m & (mask)a) | (~m & (mask)b));
-}
 
 /* Where one seed's inputs and bands lie. */
 typedef struct {
@@ -146,23 +128,6 @@ static int walk_rows(const Walk *w, RowVisitor visit, void *context) {
     return 0;
 }
 
-/* Store the first `count` values of v (all of them when count >= WIDTH). */
-static inline void store_part(float *p, vec v, int64_t count) {
-    if (count >= WIDTH) {
-        store(p, v);
-    } else if (count > 0) {
-        float values[WIDTH];
-        store(values, v);
-        memcpy(p, values, sizeof(float) * count);
-    }
-}
-
-/* The activation front_forward applies itself: ReLU, exact as torch computes it, with
- * NaN kept. */
-static inline vec activate(int activation, vec x) {
-    return activation == ACT_RELU ? blend((x > 0.0f) | (x != x), x, splat(0.0f)) : x;
-}
-
 /* One member's output vector at j: the activated output, or with MODE_PAIR the even
  * one, and the odd one in *odd. */
 static inline __attribute__((always_inline)) vec output_at(
@@ -203,7 +168,9 @@ static void forward_row_of(Taps t, const float *p, int64_t n, int mode, int acti
     switch (mode * 4 + activation) {
     case MODE_PLAIN * 4 + ACT_RELU: FORWARD_ROW(MODE_PLAIN, ACT_RELU); break;
     case MODE_MAX * 4 + ACT_NONE: FORWARD_ROW(MODE_MAX, ACT_NONE); break;
+    case MODE_PLAIN * 4 + ACT_SIGMOID: FORWARD_ROW(MODE_PLAIN, ACT_SIGMOID); break;
     case MODE_MAX * 4 + ACT_RELU: FORWARD_ROW(MODE_MAX, ACT_RELU); break;
+    case MODE_MAX * 4 + ACT_SIGMOID: FORWARD_ROW(MODE_MAX, ACT_SIGMOID); break;
     case MODE_PAIR * 4 + ACT_NONE: FORWARD_ROW(MODE_PAIR, ACT_NONE); break;
     default: FORWARD_ROW(MODE_PLAIN, ACT_NONE); break;
     }
@@ -231,7 +198,7 @@ static void visit_forward(void *context, int64_t m, const float *values, int64_t
  * MODE_MAX: the pooled pair's even output e (pixels 0-2) and odd output o (pixels
  *   1-3); out0 = act(max(e, o)), NaN if either is NaN.
  * MODE_PAIR: out0 = e, out1 = o, with no activation.
- * act is ReLU or none (ACT_NONE). Member m's rows start at
+ * act is ReLU, the sigmoid or none (ACT_NONE). Member m's rows start at
  * out0 + m * stride and out1 + m * stride.
  * Returns 0, or -1 when memory runs out.
  */

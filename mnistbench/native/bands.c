@@ -1,0 +1,303 @@
+/*
+ * The first Linear layer's small bands, for the CPU.
+ *
+ * A batch's first band covers every example and most windows, and torch's batched
+ * matmul multiplies it. The bands past it are small, tens of examples by tens of
+ * windows (see mnistbench/windows.py for the packed layout). There a batched matmul
+ * per seed and band cost more in calls, temporaries and extra passes than in
+ * arithmetic. These functions multiply every member's small bands in one call per
+ * step: the layer's output, the gradient of its packed inputs and its weight update.
+ *
+ * Each product sums its terms in a fixed order that depends only on the member's own
+ * values and its band's shape: window by window, unit by unit, or example by example.
+ * The hidden units are padded with zeros to whole vectors. An example's values
+ * therefore do not depend on the other members of the stack, or on the other
+ * examples of an evaluation chunk.
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vectors.h"
+
+#define BLOCK 4  /* examples or windows per block of a product */
+
+/* The vector at p with its first `count` values, zeros past them. */
+static inline vec load_part(const float *p, int64_t count) {
+    if (count >= WIDTH) return load(p);
+    float values[WIDTH] = {0};
+    memcpy(values, p, sizeof(float) * count);
+    return load(values);
+}
+
+/* Copy `rows` rows of `hidden` floats to rows of `padded` floats, zeros past `hidden`. */
+static void pad_rows(float *out, const float *in, int64_t rows, int64_t hidden,
+                     int64_t padded) {
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy(out + r * padded, in + r * hidden, sizeof(float) * hidden);
+        memset(out + r * padded + hidden, 0, sizeof(float) * (padded - hidden));
+    }
+}
+
+/* One band of one member: where its packed block, its weight rows and its examples'
+ * rows of the (batch, hidden) tensors lie. */
+typedef struct {
+    int64_t first, start, count;  /* first example, first window, windows */
+    int64_t rows;                 /* examples: batch - first */
+    int64_t offset;               /* the block's offset in the member's packed row */
+} Band;
+
+/* The arguments that locate every member's small bands. */
+typedef struct {
+    const int64_t *bands, *offsets, *band_counts;
+    int64_t max_bands, seeds, variants, batch;
+} Bands;
+
+/* Return band k of seed s. */
+static Band band_of(const Bands *layout, int64_t s, int64_t k) {
+    const int64_t *band = layout->bands + (s * layout->max_bands + k) * 3;
+    Band out = {band[0], band[1], band[2] - band[1], layout->batch - band[0],
+                layout->offsets[s * (layout->max_bands + 1) + k]};
+    return out;
+}
+
+/* Return the largest window count of any small band. */
+static int64_t widest_band(const Bands *layout) {
+    int64_t widest = 1;
+    for (int64_t s = 0; s < layout->seeds; s++)
+        for (int64_t k = 1; k < layout->band_counts[s]; k++) {
+            Band band = band_of(layout, s, k);
+            if (band.count > widest) widest = band.count;
+        }
+    return widest;
+}
+
+static int64_t padded(int64_t hidden) { return (hidden + WIDTH - 1) / WIDTH * WIDTH; }
+
+/* out rows r0.. += x rows r0.. @ w, for ROWS examples and VECTORS vectors of units from
+ * unit h; x is (rows, n), w padded (n, padded hidden). */
+static inline __attribute__((always_inline)) void forward_block(
+        int ROWS, int VECTORS, const float *x, int64_t n, const float *w, int64_t stride,
+        float *out, int64_t hidden, int64_t h) {
+    vec acc[BLOCK][2];
+    for (int i = 0; i < ROWS; i++)
+        for (int v = 0; v < VECTORS; v++) acc[i][v] = splat(0.0f);
+    for (int64_t j = 0; j < n; j++) {
+        const float *row = w + j * stride + h;
+        vec w0 = load(row), w1 = VECTORS > 1 ? load(row + WIDTH) : w0;
+        for (int i = 0; i < ROWS; i++) {
+            vec xi = splat(x[i * n + j]);
+            acc[i][0] = fused(xi, w0, acc[i][0]);
+            if (VECTORS > 1) acc[i][1] = fused(xi, w1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < ROWS; i++)
+        for (int v = 0; v < VECTORS; v++) {
+            int64_t at = h + v * WIDTH, count = hidden - at;
+            float *o = out + i * hidden + at;
+            store_part(o, load_part(o, count) + acc[i][v], count);
+        }
+}
+
+static void forward_band(const float *x, const float *w, int64_t n, int64_t rows,
+                         float *out, int64_t hidden) {
+    int64_t stride = padded(hidden), r = 0;
+    for (; r + BLOCK <= rows; r += BLOCK) {
+        int64_t h = 0;
+        for (; h + 2 * WIDTH <= stride; h += 2 * WIDTH)
+            forward_block(BLOCK, 2, x + r * n, n, w, stride, out + r * hidden, hidden, h);
+        if (h < stride)
+            forward_block(BLOCK, 1, x + r * n, n, w, stride, out + r * hidden, hidden, h);
+    }
+    for (; r < rows; r++) {
+        int64_t h = 0;
+        for (; h + 2 * WIDTH <= stride; h += 2 * WIDTH)
+            forward_block(1, 2, x + r * n, n, w, stride, out + r * hidden, hidden, h);
+        if (h < stride)
+            forward_block(1, 1, x + r * n, n, w, stride, out + r * hidden, hidden, h);
+    }
+}
+
+/*
+ * Add each member's small bands' products to the first layer's output:
+ * out[m][first + r] += packed block (rows, n) @ weight[m][start:stop].
+ *
+ * packed: (M, stride) rows of packed inputs; weight: (M, windows, hidden);
+ * out: (M, batch, hidden). Returns 0, or -1 when memory runs out.
+ */
+int small_bands_forward(const float *packed, int64_t stride, const float *weight,
+                        int64_t windows, int64_t hidden, const int64_t *bands,
+                        const int64_t *offsets, const int64_t *band_counts, int64_t max_bands,
+                        int64_t seeds, int64_t variants, int64_t batch, float *out) {
+    Bands layout = {bands, offsets, band_counts, max_bands, seeds, variants, batch};
+    float *w = malloc(sizeof(float) * widest_band(&layout) * padded(hidden));
+    if (w == NULL) return -1;
+    for (int64_t m = 0; m < seeds * variants; m++) {
+        int64_t s = m / variants;
+        for (int64_t k = 1; k < band_counts[s]; k++) {
+            Band band = band_of(&layout, s, k);
+            pad_rows(w, weight + (m * windows + band.start) * hidden, band.count, hidden,
+                     padded(hidden));
+            forward_band(packed + m * stride + band.offset, w, band.count, band.rows,
+                         out + (m * batch + band.first) * hidden, hidden);
+        }
+    }
+    free(w);
+    return 0;
+}
+
+/* Copy the n rows of `hidden` floats at w to its transpose: hidden rows of `stride`
+ * floats, zeros past n. */
+static void transpose_rows(float *out, const float *w, int64_t n, int64_t hidden,
+                           int64_t stride) {
+    for (int64_t h = 0; h < hidden; h++) {
+        for (int64_t j = 0; j < n; j++) out[h * stride + j] = w[j * hidden + h];
+        memset(out + h * stride + n, 0, sizeof(float) * (stride - n));
+    }
+}
+
+/* out rows r0.. = g rows r0.. @ wt, for ROWS examples and VECTORS vectors of windows
+ * from window c. g is (rows, hidden), and out is (rows, n). wt contains the band's
+ * weight rows transposed, (hidden, stride). */
+static inline __attribute__((always_inline)) void gradient_block(
+        int ROWS, int VECTORS, const float *g, int64_t hidden, const float *wt, int64_t stride,
+        float *out, int64_t n, int64_t c) {
+    vec acc[BLOCK][2];
+    for (int i = 0; i < ROWS; i++)
+        for (int v = 0; v < VECTORS; v++) acc[i][v] = splat(0.0f);
+    for (int64_t h = 0; h < hidden; h++) {
+        vec w0 = load(wt + h * stride + c);
+        vec w1 = VECTORS > 1 ? load(wt + h * stride + c + WIDTH) : w0;
+        for (int i = 0; i < ROWS; i++) {
+            vec gi = splat(g[i * hidden + h]);
+            acc[i][0] = fused(gi, w0, acc[i][0]);
+            if (VECTORS > 1) acc[i][1] = fused(gi, w1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < ROWS; i++)
+        for (int v = 0; v < VECTORS; v++) {
+            int64_t at = c + v * WIDTH;
+            store_part(out + i * n + at, acc[i][v], n - at);
+        }
+}
+
+static void gradient_band(const float *g, int64_t hidden, const float *wt, int64_t n,
+                          int64_t rows, float *out) {
+    int64_t stride = padded(n), r = 0;
+    for (; r + BLOCK <= rows; r += BLOCK) {
+        int64_t c = 0;
+        for (; c + 2 * WIDTH <= stride; c += 2 * WIDTH)
+            gradient_block(BLOCK, 2, g + r * hidden, hidden, wt, stride, out + r * n, n, c);
+        if (c < stride)
+            gradient_block(BLOCK, 1, g + r * hidden, hidden, wt, stride, out + r * n, n, c);
+    }
+    for (; r < rows; r++) {
+        int64_t c = 0;
+        for (; c + 2 * WIDTH <= stride; c += 2 * WIDTH)
+            gradient_block(1, 2, g + r * hidden, hidden, wt, stride, out + r * n, n, c);
+        if (c < stride)
+            gradient_block(1, 1, g + r * hidden, hidden, wt, stride, out + r * n, n, c);
+    }
+}
+
+/*
+ * Write the gradient of each member's small bands' packed inputs:
+ * packed block (rows, n) = grad[m][first:] @ weight[m][start:stop]^T.
+ *
+ * grad: (M, batch, hidden), the gradient of the first layer's output. Returns 0, or
+ * -1 when memory runs out.
+ */
+int small_bands_input_gradient(const float *grad, const float *weight, int64_t windows,
+                               int64_t hidden, const int64_t *bands, const int64_t *offsets,
+                               const int64_t *band_counts, int64_t max_bands, int64_t seeds,
+                               int64_t variants, int64_t batch, float *packed,
+                               int64_t stride) {
+    Bands layout = {bands, offsets, band_counts, max_bands, seeds, variants, batch};
+    float *wt = malloc(sizeof(float) * hidden * padded(widest_band(&layout)));
+    if (wt == NULL) return -1;
+    for (int64_t m = 0; m < seeds * variants; m++) {
+        int64_t s = m / variants;
+        for (int64_t k = 1; k < band_counts[s]; k++) {
+            Band band = band_of(&layout, s, k);
+            transpose_rows(wt, weight + (m * windows + band.start) * hidden, band.count,
+                           hidden, padded(band.count));
+            gradient_band(grad + (m * batch + band.first) * hidden, hidden, wt, band.count,
+                          band.rows, packed + m * stride + band.offset);
+        }
+    }
+    free(wt);
+    return 0;
+}
+
+/* w rows c0.. += alpha * (x columns c0..)^T @ g, for COLUMNS windows and VECTORS vectors of
+ * units from unit h; x is (rows, n), g padded (rows, stride), w (n, hidden). */
+static inline __attribute__((always_inline)) void update_block(
+        int COLUMNS, int VECTORS, const float *x, int64_t n, int64_t rows, const float *g,
+        int64_t stride, float *w, int64_t hidden, int64_t h, float alpha) {
+    vec acc[BLOCK][2];
+    for (int c = 0; c < COLUMNS; c++)
+        for (int v = 0; v < VECTORS; v++) acc[c][v] = splat(0.0f);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = g + r * stride + h;
+        vec g0 = load(row), g1 = VECTORS > 1 ? load(row + WIDTH) : g0;
+        for (int c = 0; c < COLUMNS; c++) {
+            vec xc = splat(x[r * n + c]);
+            acc[c][0] = fused(xc, g0, acc[c][0]);
+            if (VECTORS > 1) acc[c][1] = fused(xc, g1, acc[c][1]);
+        }
+    }
+    for (int c = 0; c < COLUMNS; c++)
+        for (int v = 0; v < VECTORS; v++) {
+            int64_t at = h + v * WIDTH, count = hidden - at;
+            float *o = w + c * hidden + at;
+            store_part(o, load_part(o, count) + splat(alpha) * acc[c][v], count);
+        }
+}
+
+static void update_band(const float *x, const float *g, int64_t stride, int64_t n,
+                        int64_t rows, float *w, int64_t hidden, float alpha) {
+    int64_t c = 0;
+    for (; c + BLOCK <= n; c += BLOCK) {
+        int64_t h = 0;
+        for (; h + 2 * WIDTH <= stride; h += 2 * WIDTH)
+            update_block(BLOCK, 2, x + c, n, rows, g, stride, w + c * hidden, hidden, h, alpha);
+        if (h < stride)
+            update_block(BLOCK, 1, x + c, n, rows, g, stride, w + c * hidden, hidden, h, alpha);
+    }
+    for (; c < n; c++) {
+        int64_t h = 0;
+        for (; h + 2 * WIDTH <= stride; h += 2 * WIDTH)
+            update_block(1, 2, x + c, n, rows, g, stride, w + c * hidden, hidden, h, alpha);
+        if (h < stride)
+            update_block(1, 1, x + c, n, rows, g, stride, w + c * hidden, hidden, h, alpha);
+    }
+}
+
+/*
+ * Add alpha times each member's small bands' share of the weight gradient to out:
+ * out[m][start:stop] += alpha * (packed block (rows, n))^T @ grad[m][first:].
+ *
+ * out: (M, windows, hidden). Returns 0, or -1 when memory runs out.
+ */
+int small_bands_weight_gradient(const float *packed, int64_t stride, const float *grad,
+                                float *out, int64_t windows, int64_t hidden,
+                                const int64_t *bands, const int64_t *offsets,
+                                const int64_t *band_counts, int64_t max_bands, int64_t seeds,
+                                int64_t variants, int64_t batch, float alpha) {
+    Bands layout = {bands, offsets, band_counts, max_bands, seeds, variants, batch};
+    int64_t width = padded(hidden);
+    float *g = malloc(sizeof(float) * batch * width);
+    if (g == NULL) return -1;
+    for (int64_t m = 0; m < seeds * variants; m++) {
+        int64_t s = m / variants;
+        for (int64_t k = 1; k < band_counts[s]; k++) {
+            Band band = band_of(&layout, s, k);
+            pad_rows(g, grad + (m * batch + band.first) * hidden, band.rows, hidden, width);
+            update_band(packed + m * stride + band.offset, g, width, band.count, band.rows,
+                        out + (m * windows + band.start) * hidden, hidden, alpha);
+        }
+    }
+    free(g);
+    return 0;
+}
