@@ -208,20 +208,17 @@ def first_layer(packed: torch.Tensor, weight: torch.Tensor, constant: torch.Tens
     """
     members, batch, width = weight.shape[0], packings[0].batch, weight.shape[2]
     variants = members // len(packings)
-    compiled = native.runs_on(weight.device)
     out = torch.empty(members, batch, width, device=weight.device)
+    if native.runs_on(weight.device):
+        native.bands_forward(packed, weight, out, packings)
+        return out, native.first_layer_tails(weight, out, constant, packings)
     for _, runs, packing in seed_members(packings, variants):
         target, w = out[runs], weight[runs]
         for k, ((first, start, stop), block) in enumerate(packing.blocks(packed[runs])):
             if k == 0:
                 torch.bmm(block, w[:, start:stop], out=target)
-            elif compiled:  # every seed's small bands in one call, below
-                break
             else:
                 _add_product(target[:, first:], block, w[:, start:stop])
-    if compiled:
-        native.small_bands_forward(packed, weight, out, packings)
-        return out, native.first_layer_tails(weight, out, constant, packings)
     tails = torch.zeros(members, max(len(p.bands) for p in packings), width,
                         device=weight.device)
     for _, runs, packing in seed_members(packings, variants):
@@ -254,17 +251,15 @@ def input_gradient(grad: torch.Tensor, weight: torch.Tensor, packings: Sequence[
     gradient ``(M, B, H)`` with respect to the first layer's output."""
     members = weight.shape[0]
     variants = members // len(packings)
-    compiled = native.runs_on(weight.device)
     out = torch.empty(members, packed_width(packings), device=weight.device)
+    if native.runs_on(weight.device):
+        native.bands_input_gradient(grad, weight, out, packings)
+        return out
     for _, runs, packing in seed_members(packings, variants):
         w = weight[runs]
-        for k, ((first, start, stop), block) in enumerate(packing.blocks(out[runs])):
-            if k > 0 and compiled:  # every seed's small bands in one call, below
-                break
+        for (first, start, stop), block in packing.blocks(out[runs]):
             torch.bmm(grad[runs, first:], w[:, start:stop].transpose(1, 2), out=block)
         out[runs, packing.length:] = 0.0
-    if compiled:
-        native.small_bands_input_gradient(grad, weight, out, packings)
     return out
 
 
@@ -278,20 +273,17 @@ def add_weight_gradient(out: torch.Tensor, packed: torch.Tensor, grad: torch.Ten
     gradients.
     """
     variants = out.shape[0] // len(packings)
-    compiled = native.runs_on(out.device)
+    if native.runs_on(out.device):
+        native.bands_weight_gradient(out, packed, grad, packings, alpha)
+        native.first_layer_weight_tails(out, grad, constant, packings, alpha)
+        return
     for _, runs, packing in seed_members(packings, variants):
         target, g = out[runs], grad[runs]
         for k, ((first, start, stop), block) in enumerate(packing.blocks(packed[runs])):
             if k == 0:
                 target[:, start:stop].baddbmm_(block.transpose(1, 2), g[:, first:], alpha=alpha)
-            elif compiled:  # every seed's small bands in one call, below
-                break
             else:
                 _add_product(target[:, start:stop], block.transpose(1, 2), g[:, first:], alpha)
-    if compiled:
-        native.small_bands_weight_gradient(out, packed, grad, packings, alpha)
-        native.first_layer_weight_tails(out, grad, constant, packings, alpha)
-        return
     for _, runs, packing in seed_members(packings, variants):
         target, g = out[runs], grad[runs]
         for start, stop, examples in packing.tail_columns():

@@ -289,8 +289,8 @@ def test_run_keys_tell_the_kernels_apart(monkeypatch: pytest.MonkeyPatch) -> Non
     assert {key for _, _, key in on_gpu}.isdisjoint(key for _, _, key in without)
 
 
-def _small_band_case(hidden: int):
-    """Two seeds of two runs whose batches of 11 examples have three bands each, with
+def _band_case(hidden: int):
+    """Two seeds of two runs whose batches of 11 examples have three bands and two, with
     random packed inputs, weights and output gradients."""
     windows, batch, variants = 50, 11, 2
     packings = [Packing.of((Band(0, 0, 21), Band(3, 21, 38), Band(6, 38, 41)), batch, windows),
@@ -303,65 +303,60 @@ def _small_band_case(hidden: int):
     return packings, variants, packed, weight, grad
 
 
-def _small_bands(packings, variants):
-    """Yield each member, its seed's packing and each of its bands past the first."""
+def _member_bands(packings, variants):
+    """Yield each member and each of its bands with its block's offsets."""
     for s, packing in enumerate(packings):
         for v in range(variants):
-            m = s * variants + v
-            for k, (band, low, high) in enumerate(zip(packing.bands, packing.offsets,
-                                                       packing.offsets[1:])):
-                if k > 0:
-                    yield m, band, low, high
+            for band, low, high in zip(packing.bands, packing.offsets, packing.offsets[1:]):
+                yield s * variants + v, band, low, high
 
 
 @needs_compiler
 @pytest.mark.parametrize("hidden", [1, 8, 13, 100])
-def test_small_band_kernels_match_torch_products(hidden: int) -> None:
-    packings, variants, packed, weight, grad = _small_band_case(hidden)
+def test_band_kernels_match_torch_products(hidden: int) -> None:
+    packings, variants, packed, weight, grad = _band_case(hidden)
     batch = packings[0].batch
 
-    out = torch.randn(grad.shape)
-    expected = out.double()
-    native.small_bands_forward(packed, weight, out, packings)
-    for m, (first, start, stop), low, high in _small_bands(packings, variants):
+    out = torch.full(grad.shape, float("nan"))  # the first band writes every example
+    expected = torch.zeros(grad.shape, dtype=torch.float64)
+    native.bands_forward(packed, weight, out, packings)
+    for m, (first, start, stop), low, high in _member_bands(packings, variants):
         block = packed[m, low:high].view(batch - first, stop - start).double()
         expected[m, first:] += block @ weight[m, start:stop].double()
     torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
 
-    inputs_grad = torch.full_like(packed, 7.0)
-    native.small_bands_input_gradient(grad, weight, inputs_grad, packings)
-    written = torch.zeros_like(packed, dtype=torch.bool)
-    for m, (first, start, stop), low, high in _small_bands(packings, variants):
+    inputs_grad = torch.full_like(packed, float("nan"))
+    expected = torch.zeros(packed.shape, dtype=torch.float64)  # zeros past the bands
+    native.bands_input_gradient(grad, weight, inputs_grad, packings)
+    for m, (first, start, stop), low, high in _member_bands(packings, variants):
         product = grad[m, first:].double() @ weight[m, start:stop].double().t()
-        torch.testing.assert_close(inputs_grad[m, low:high].view_as(product).double(), product,
-                                   rtol=1e-5, atol=1e-5)
-        written[m, low:high] = True
-    assert inputs_grad[~written].eq(7.0).all()  # the first bands and the padding untouched
+        expected[m, low:high] = product.flatten()
+    torch.testing.assert_close(inputs_grad, expected.float(), rtol=1e-5, atol=1e-5)
 
     updated = weight.clone()
     expected = weight.double()
-    native.small_bands_weight_gradient(updated, packed, grad, packings, -0.5)
-    for m, (first, start, stop), low, high in _small_bands(packings, variants):
+    native.bands_weight_gradient(updated, packed, grad, packings, -0.5)
+    for m, (first, start, stop), low, high in _member_bands(packings, variants):
         block = packed[m, low:high].view(batch - first, stop - start).double()
         expected[m, start:stop] -= 0.5 * block.t() @ grad[m, first:].double()
     torch.testing.assert_close(updated, expected.float(), rtol=1e-5, atol=1e-5)
 
 
 @needs_compiler
-def test_small_band_kernels_give_a_run_the_same_bits_alone() -> None:
-    packings, variants, packed, weight, grad = _small_band_case(13)
+def test_band_kernels_give_a_run_the_same_bits_alone() -> None:
+    packings, variants, packed, weight, grad = _band_case(13)
     m = 3  # seed 1, run 1
     alone = ([packings[1]], slice(m, m + 1))
     stacked = (packings, slice(None))
     results = []
     for chosen, runs in (stacked, alone):
-        out = torch.zeros(grad[runs].shape)
-        native.small_bands_forward(packed[runs], weight[runs].contiguous(), out, chosen)
-        inputs_grad = torch.zeros(packed[runs].shape)
-        native.small_bands_input_gradient(grad[runs].contiguous(), weight[runs].contiguous(),
-                                          inputs_grad, chosen)
+        out = torch.empty(grad[runs].shape)
+        native.bands_forward(packed[runs], weight[runs].contiguous(), out, chosen)
+        inputs_grad = torch.empty(packed[runs].shape)
+        native.bands_input_gradient(grad[runs].contiguous(), weight[runs].contiguous(),
+                                    inputs_grad, chosen)
         updated = weight[runs].clone()
-        native.small_bands_weight_gradient(updated, packed[runs], grad[runs], chosen, -1.0)
+        native.bands_weight_gradient(updated, packed[runs], grad[runs], chosen, -1.0)
         results.append((out[-1], inputs_grad[-1], updated[-1]))
     for stacked_result, alone_result in zip(*results):
         assert torch.equal(stacked_result, alone_result)

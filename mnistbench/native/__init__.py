@@ -4,7 +4,7 @@ operations as the fallback.
 In torch's operations, the front's element-wise work took a dozen operations per
 seed and band, each a pass over memory or a Python call: three taps, a bias, a
 max-pool and the gradient sums of four parameters. So did the first layer's constant
-windows and its small bands, and the hidden layer's bias, activation and dropout took
+windows and its products over the bands, and the hidden layer's bias, activation and dropout took
 four passes. ``front.c``, ``tails.c``, ``bands.c`` and ``hidden.c`` do each in one call
 per step.
 :mod:`mnistbench.native.build` compiles them with the system's C compiler on first use
@@ -100,16 +100,14 @@ def _library() -> ctypes.CDLL | None:
     library.constant_gradient.restype = ctypes.c_int
     library.constant_gradient.argtypes = [pointer, size, *bands, pointer, pointer]
     # bands, offsets, band counts, maximum band count, seeds, variants, batch
-    small = [pointer, pointer, pointer, size, size, size, size]
-    for name in ("small_bands_forward", "small_bands_input_gradient",
-                 "small_bands_weight_gradient"):
+    layout = [pointer, pointer, pointer, size, size, size, size]
+    for name in ("bands_forward", "bands_input_gradient", "bands_weight_gradient"):
         getattr(library, name).restype = ctypes.c_int
-    library.small_bands_forward.argtypes = [pointer, size, pointer, size, size, *small,
-                                            pointer]
-    library.small_bands_input_gradient.argtypes = [pointer, pointer, size, size, *small,
-                                                   pointer, size]
-    library.small_bands_weight_gradient.argtypes = [pointer, size, pointer, pointer, size,
-                                                    size, *small, ctypes.c_float]
+    library.bands_forward.argtypes = [pointer, size, pointer, size, size, *layout, pointer]
+    library.bands_input_gradient.argtypes = [pointer, pointer, size, size, *layout, pointer,
+                                             size, size]
+    library.bands_weight_gradient.argtypes = [pointer, size, pointer, pointer, size, size,
+                                              *layout, ctypes.c_float]
     library.hidden_forward.restype = None
     library.hidden_forward.argtypes = [pointer, pointer, size, size, size, ctypes.c_int,
                                        pointer, size, pointer, pointer, pointer, pointer]
@@ -223,7 +221,7 @@ def _band_args(packings: Sequence[Packing], members: int) -> tuple[list, tuple]:
              seeds, members // seeds, packings[0].batch], arrays)
 
 
-def _small_band_args(packings: Sequence[Packing], members: int) -> tuple[list, tuple]:
+def _band_layout(packings: Sequence[Packing], members: int) -> tuple[list, tuple]:
     arrays = _band_arrays(packings)
     seeds = len(packings)
     return ([arrays[0].data_ptr(), arrays[1].data_ptr(), arrays[2].data_ptr(),
@@ -231,54 +229,53 @@ def _small_band_args(packings: Sequence[Packing], members: int) -> tuple[list, t
             arrays)
 
 
-def small_bands_forward(packed: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
-                        packings: Sequence[Packing]) -> None:
-    """Add the products of every band past each seed's first to the first layer's output
-    ``out`` ``(M, B, H)``: the packed inputs ``(M, L)`` against the weights ``(M,
-    windows, H)``, as :func:`mnistbench.windows.first_layer` adds them."""
+def bands_forward(packed: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                  packings: Sequence[Packing]) -> None:
+    """Write the first layer's output inside each seed's bands to ``out`` ``(M, B, H)``:
+    the packed inputs ``(M, L)`` against the weights ``(M, windows, H)``, without the
+    constant windows."""
     members, windows, hidden = weight.shape
     for tensor in (weight, out):
         assert tensor.is_contiguous()
     assert packed.stride(1) == 1
-    args, arrays = _small_band_args(packings, members)
-    status = _library().small_bands_forward(packed.data_ptr(), packed.stride(0),
-                                            weight.data_ptr(), windows, hidden, *args,
-                                            out.data_ptr())
+    args, arrays = _band_layout(packings, members)
+    status = _library().bands_forward(packed.data_ptr(), packed.stride(0), weight.data_ptr(),
+                                      windows, hidden, *args, out.data_ptr())
     if status != 0:
-        raise NativeError("small_bands_forward ran out of memory")
+        raise NativeError("bands_forward ran out of memory")
 
 
-def small_bands_input_gradient(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
-                               packings: Sequence[Packing]) -> None:
-    """Write the gradient of the packed inputs ``out`` ``(M, L)`` in every band past each
-    seed's first, from the output gradient ``grad`` ``(M, B, H)``."""
+def bands_input_gradient(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                         packings: Sequence[Packing]) -> None:
+    """Write the gradient of the packed inputs to ``out`` ``(M, L)`` from the output
+    gradient ``grad`` ``(M, B, H)``, with zeros past each seed's packed length."""
     members, windows, hidden = weight.shape
     for tensor in (grad, weight):
         assert tensor.is_contiguous()
     assert out.stride(1) == 1
-    args, arrays = _small_band_args(packings, members)
-    status = _library().small_bands_input_gradient(grad.data_ptr(), weight.data_ptr(),
-                                                   windows, hidden, *args, out.data_ptr(),
-                                                   out.stride(0))
+    args, arrays = _band_layout(packings, members)
+    status = _library().bands_input_gradient(grad.data_ptr(), weight.data_ptr(), windows,
+                                             hidden, *args, out.data_ptr(), out.stride(0),
+                                             out.shape[1])
     if status != 0:
-        raise NativeError("small_bands_input_gradient ran out of memory")
+        raise NativeError("bands_input_gradient ran out of memory")
 
 
-def small_bands_weight_gradient(out: torch.Tensor, packed: torch.Tensor, grad: torch.Tensor,
-                                packings: Sequence[Packing], alpha: float) -> None:
-    """Add ``alpha`` times the weight gradient of every band past each seed's first to
-    ``out`` ``(M, windows, H)``, from the packed inputs ``(M, L)`` and the output
-    gradient ``grad`` ``(M, B, H)``."""
+def bands_weight_gradient(out: torch.Tensor, packed: torch.Tensor, grad: torch.Tensor,
+                          packings: Sequence[Packing], alpha: float) -> None:
+    """Add ``alpha`` times the weight gradient inside each seed's bands to ``out`` ``(M,
+    windows, H)``, from the packed inputs ``(M, L)`` and the output gradient ``grad``
+    ``(M, B, H)``."""
     members, windows, hidden = out.shape
     assert out.is_contiguous()
     grad = grad.contiguous()
     assert packed.stride(1) == 1
-    args, arrays = _small_band_args(packings, members)
-    status = _library().small_bands_weight_gradient(packed.data_ptr(), packed.stride(0),
-                                                    grad.data_ptr(), out.data_ptr(), windows,
-                                                    hidden, *args, alpha)
+    args, arrays = _band_layout(packings, members)
+    status = _library().bands_weight_gradient(packed.data_ptr(), packed.stride(0),
+                                              grad.data_ptr(), out.data_ptr(), windows, hidden,
+                                              *args, alpha)
     if status != 0:
-        raise NativeError("small_bands_weight_gradient ran out of memory")
+        raise NativeError("bands_weight_gradient ran out of memory")
 
 
 def first_layer_tails(weight: torch.Tensor, out: torch.Tensor, constant: torch.Tensor,

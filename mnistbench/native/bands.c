@@ -1,12 +1,13 @@
 /*
- * The first Linear layer's small bands, for the CPU.
+ * The first Linear layer's products over a batch's bands, for the CPU.
  *
- * A batch's first band covers every example and most windows, and torch's batched
- * matmul multiplies it. The bands past it are small, tens of examples by tens of
- * windows (see mnistbench/windows.py for the packed layout). There a batched matmul
- * per seed and band cost more in calls, temporaries and extra passes than in
- * arithmetic. These functions multiply every member's small bands in one call per
- * step: the layer's output, the gradient of its packed inputs and its weight update.
+ * With the convolution front every run has its own packed inputs, so each product is
+ * small: a band of up to 128 examples by a few hundred windows, against 100 or so
+ * hidden units (see mnistbench/windows.py for the packed layout). torch's batched
+ * matmul took one call per seed and band, and past the first band it cost more in
+ * calls, temporaries and extra passes than in arithmetic. These functions compute
+ * every member's bands in one call per step: the layer's output, the gradient of its
+ * packed inputs and its weight update.
  *
  * Each product sums its terms in a fixed order that depends only on the member's own
  * values and its band's shape: window by window, unit by unit, or example by example.
@@ -48,7 +49,7 @@ typedef struct {
     int64_t offset;               /* the block's offset in the member's packed row */
 } Band;
 
-/* The arguments that locate every member's small bands. */
+/* The arguments that locate every member's bands. */
 typedef struct {
     const int64_t *bands, *offsets, *band_counts;
     int64_t max_bands, seeds, variants, batch;
@@ -62,11 +63,11 @@ static Band band_of(const Bands *layout, int64_t s, int64_t k) {
     return out;
 }
 
-/* Return the largest window count of any small band. */
+/* Return the largest window count of any band. */
 static int64_t widest_band(const Bands *layout) {
     int64_t widest = 1;
     for (int64_t s = 0; s < layout->seeds; s++)
-        for (int64_t k = 1; k < layout->band_counts[s]; k++) {
+        for (int64_t k = 0; k < layout->band_counts[s]; k++) {
             Band band = band_of(layout, s, k);
             if (band.count > widest) widest = band.count;
         }
@@ -75,11 +76,11 @@ static int64_t widest_band(const Bands *layout) {
 
 static int64_t padded(int64_t hidden) { return (hidden + WIDTH - 1) / WIDTH * WIDTH; }
 
-/* out rows r0.. += x rows r0.. @ w, for ROWS examples and VECTORS vectors of units from
- * unit h; x is (rows, n), w padded (n, padded hidden). */
+/* out rows r0.. += x rows r0.. @ w (or = with `assign`), for ROWS examples and VECTORS
+ * vectors of units from unit h. x is (rows, n), and w is padded (n, padded hidden). */
 static inline __attribute__((always_inline)) void forward_block(
         int ROWS, int VECTORS, const float *x, int64_t n, const float *w, int64_t stride,
-        float *out, int64_t hidden, int64_t h) {
+        float *out, int64_t hidden, int64_t h, int assign) {
     vec acc[BLOCK][2];
     for (int i = 0; i < ROWS; i++)
         for (int v = 0; v < VECTORS; v++) acc[i][v] = splat(0.0f);
@@ -96,51 +97,56 @@ static inline __attribute__((always_inline)) void forward_block(
         for (int v = 0; v < VECTORS; v++) {
             int64_t at = h + v * WIDTH, count = hidden - at;
             float *o = out + i * hidden + at;
-            store_part(o, load_part(o, count) + acc[i][v], count);
+            store_part(o, assign ? acc[i][v] : load_part(o, count) + acc[i][v], count);
         }
 }
 
 static void forward_band(const float *x, const float *w, int64_t n, int64_t rows,
-                         float *out, int64_t hidden) {
+                         float *out, int64_t hidden, int assign) {
     int64_t stride = padded(hidden), r = 0;
     for (; r + BLOCK <= rows; r += BLOCK) {
         int64_t h = 0;
         for (; h + 2 * WIDTH <= stride; h += 2 * WIDTH)
-            forward_block(BLOCK, 2, x + r * n, n, w, stride, out + r * hidden, hidden, h);
+            forward_block(BLOCK, 2, x + r * n, n, w, stride, out + r * hidden, hidden, h,
+                          assign);
         if (h < stride)
-            forward_block(BLOCK, 1, x + r * n, n, w, stride, out + r * hidden, hidden, h);
+            forward_block(BLOCK, 1, x + r * n, n, w, stride, out + r * hidden, hidden, h,
+                          assign);
     }
     for (; r < rows; r++) {
         int64_t h = 0;
         for (; h + 2 * WIDTH <= stride; h += 2 * WIDTH)
-            forward_block(1, 2, x + r * n, n, w, stride, out + r * hidden, hidden, h);
+            forward_block(1, 2, x + r * n, n, w, stride, out + r * hidden, hidden, h,
+                          assign);
         if (h < stride)
-            forward_block(1, 1, x + r * n, n, w, stride, out + r * hidden, hidden, h);
+            forward_block(1, 1, x + r * n, n, w, stride, out + r * hidden, hidden, h,
+                          assign);
     }
 }
 
 /*
- * Add each member's small bands' products to the first layer's output:
- * out[m][first + r] += packed block (rows, n) @ weight[m][start:stop].
+ * Write each member's first layer output from its bands: out[m] = packed block of band
+ * 0 (batch, n) @ weight[m][start:stop], then out[m][first + r] += packed block
+ * (rows, n) @ weight[m][start:stop] for each later band.
  *
  * packed: (M, stride) rows of packed inputs; weight: (M, windows, hidden);
  * out: (M, batch, hidden). Returns 0, or -1 when memory runs out.
  */
-int small_bands_forward(const float *packed, int64_t stride, const float *weight,
-                        int64_t windows, int64_t hidden, const int64_t *bands,
-                        const int64_t *offsets, const int64_t *band_counts, int64_t max_bands,
-                        int64_t seeds, int64_t variants, int64_t batch, float *out) {
+int bands_forward(const float *packed, int64_t stride, const float *weight, int64_t windows,
+                  int64_t hidden, const int64_t *bands, const int64_t *offsets,
+                  const int64_t *band_counts, int64_t max_bands, int64_t seeds,
+                  int64_t variants, int64_t batch, float *out) {
     Bands layout = {bands, offsets, band_counts, max_bands, seeds, variants, batch};
     float *w = malloc(sizeof(float) * widest_band(&layout) * padded(hidden));
     if (w == NULL) return -1;
     for (int64_t m = 0; m < seeds * variants; m++) {
         int64_t s = m / variants;
-        for (int64_t k = 1; k < band_counts[s]; k++) {
+        for (int64_t k = 0; k < band_counts[s]; k++) {
             Band band = band_of(&layout, s, k);
             pad_rows(w, weight + (m * windows + band.start) * hidden, band.count, hidden,
                      padded(hidden));
             forward_band(packed + m * stride + band.offset, w, band.count, band.rows,
-                         out + (m * batch + band.first) * hidden, hidden);
+                         out + (m * batch + band.first) * hidden, hidden, k == 0);
         }
     }
     free(w);
@@ -202,29 +208,32 @@ static void gradient_band(const float *g, int64_t hidden, const float *wt, int64
 }
 
 /*
- * Write the gradient of each member's small bands' packed inputs:
- * packed block (rows, n) = grad[m][first:] @ weight[m][start:stop]^T.
+ * Write the gradient of each member's packed inputs: packed block (rows, n) =
+ * grad[m][first:] @ weight[m][start:stop]^T for each band, and zeros from the seed's
+ * packed length to `width`.
  *
- * grad: (M, batch, hidden), the gradient of the first layer's output. Returns 0, or
- * -1 when memory runs out.
+ * grad: (M, batch, hidden), the gradient of the first layer's output; packed: (M,
+ * stride). Returns 0, or -1 when memory runs out.
  */
-int small_bands_input_gradient(const float *grad, const float *weight, int64_t windows,
-                               int64_t hidden, const int64_t *bands, const int64_t *offsets,
-                               const int64_t *band_counts, int64_t max_bands, int64_t seeds,
-                               int64_t variants, int64_t batch, float *packed,
-                               int64_t stride) {
+int bands_input_gradient(const float *grad, const float *weight, int64_t windows,
+                         int64_t hidden, const int64_t *bands, const int64_t *offsets,
+                         const int64_t *band_counts, int64_t max_bands, int64_t seeds,
+                         int64_t variants, int64_t batch, float *packed, int64_t stride,
+                         int64_t width) {
     Bands layout = {bands, offsets, band_counts, max_bands, seeds, variants, batch};
     float *wt = malloc(sizeof(float) * hidden * padded(widest_band(&layout)));
     if (wt == NULL) return -1;
     for (int64_t m = 0; m < seeds * variants; m++) {
         int64_t s = m / variants;
-        for (int64_t k = 1; k < band_counts[s]; k++) {
+        for (int64_t k = 0; k < band_counts[s]; k++) {
             Band band = band_of(&layout, s, k);
             transpose_rows(wt, weight + (m * windows + band.start) * hidden, band.count,
                            hidden, padded(band.count));
             gradient_band(grad + (m * batch + band.first) * hidden, hidden, wt, band.count,
                           band.rows, packed + m * stride + band.offset);
         }
+        int64_t length = offsets[s * (max_bands + 1) + band_counts[s]];
+        memset(packed + m * stride + length, 0, sizeof(float) * (width - length));
     }
     free(wt);
     return 0;
@@ -275,23 +284,23 @@ static void update_band(const float *x, const float *g, int64_t stride, int64_t 
 }
 
 /*
- * Add alpha times each member's small bands' share of the weight gradient to out:
+ * Add alpha times each member's weight gradient inside its bands to out:
  * out[m][start:stop] += alpha * (packed block (rows, n))^T @ grad[m][first:].
  *
  * out: (M, windows, hidden). Returns 0, or -1 when memory runs out.
  */
-int small_bands_weight_gradient(const float *packed, int64_t stride, const float *grad,
-                                float *out, int64_t windows, int64_t hidden,
-                                const int64_t *bands, const int64_t *offsets,
-                                const int64_t *band_counts, int64_t max_bands, int64_t seeds,
-                                int64_t variants, int64_t batch, float alpha) {
+int bands_weight_gradient(const float *packed, int64_t stride, const float *grad, float *out,
+                          int64_t windows, int64_t hidden, const int64_t *bands,
+                          const int64_t *offsets, const int64_t *band_counts,
+                          int64_t max_bands, int64_t seeds, int64_t variants, int64_t batch,
+                          float alpha) {
     Bands layout = {bands, offsets, band_counts, max_bands, seeds, variants, batch};
     int64_t width = padded(hidden);
     float *g = malloc(sizeof(float) * batch * width);
     if (g == NULL) return -1;
     for (int64_t m = 0; m < seeds * variants; m++) {
         int64_t s = m / variants;
-        for (int64_t k = 1; k < band_counts[s]; k++) {
+        for (int64_t k = 0; k < band_counts[s]; k++) {
             Band band = band_of(&layout, s, k);
             pad_rows(g, grad + (m * batch + band.first) * hidden, band.rows, hidden, width);
             update_band(packed + m * stride + band.offset, g, width, band.count, band.rows,

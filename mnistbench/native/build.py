@@ -34,8 +34,8 @@ SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("front.c", "tails.c", "bands.c", "hidden.c"))
 HEADERS = (Path(__file__).with_name("vectors.h"),)
 SYMBOLS = ("front_forward", "front_sums", "first_layer_tails", "first_layer_weight_tails",
-           "constant_gradient", "small_bands_forward", "small_bands_input_gradient",
-           "small_bands_weight_gradient", "hidden_forward")
+           "constant_gradient", "bands_forward", "bands_input_gradient",
+           "bands_weight_gradient", "hidden_forward")
 NATIVE_ENV = "MNISTBENCH_NATIVE"
 OFF = ("0", "false", "off", "no")
 ON = ("", "1", "true", "on", "yes")
