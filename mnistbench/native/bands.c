@@ -76,23 +76,32 @@ static int64_t widest_band(const Bands *layout) {
 
 static int64_t padded(int64_t hidden) { return (hidden + WIDTH - 1) / WIDTH * WIDTH; }
 
+/* Set acc[i][v] to the sum over t < terms of a[i * a_step + t * t_step] times the
+ * vector at b + t * b_stride + v * WIDTH, in order of t, for ROWS values of i and
+ * VECTORS vectors. */
+static inline __attribute__((always_inline)) void accumulate(
+        int ROWS, int VECTORS, const float *a, int64_t a_step, int64_t t_step, int64_t terms,
+        const float *b, int64_t b_stride, vec acc[BLOCK][2]) {
+    for (int i = 0; i < ROWS; i++)
+        for (int v = 0; v < VECTORS; v++) acc[i][v] = splat(0.0f);
+    for (int64_t t = 0; t < terms; t++) {
+        const float *row = b + t * b_stride;
+        vec b0 = load(row), b1 = VECTORS > 1 ? load(row + WIDTH) : b0;
+        for (int i = 0; i < ROWS; i++) {
+            vec ai = splat(a[i * a_step + t * t_step]);
+            acc[i][0] = fused(ai, b0, acc[i][0]);
+            if (VECTORS > 1) acc[i][1] = fused(ai, b1, acc[i][1]);
+        }
+    }
+}
+
 /* out rows r0.. += x rows r0.. @ w (or = with `assign`), for ROWS examples and VECTORS
  * vectors of units from unit h. x is (rows, n), and w is padded (n, padded hidden). */
 static inline __attribute__((always_inline)) void forward_block(
         int ROWS, int VECTORS, const float *x, int64_t n, const float *w, int64_t stride,
         float *out, int64_t hidden, int64_t h, int assign) {
     vec acc[BLOCK][2];
-    for (int i = 0; i < ROWS; i++)
-        for (int v = 0; v < VECTORS; v++) acc[i][v] = splat(0.0f);
-    for (int64_t j = 0; j < n; j++) {
-        const float *row = w + j * stride + h;
-        vec w0 = load(row), w1 = VECTORS > 1 ? load(row + WIDTH) : w0;
-        for (int i = 0; i < ROWS; i++) {
-            vec xi = splat(x[i * n + j]);
-            acc[i][0] = fused(xi, w0, acc[i][0]);
-            if (VECTORS > 1) acc[i][1] = fused(xi, w1, acc[i][1]);
-        }
-    }
+    accumulate(ROWS, VECTORS, x, n, 1, n, w + h, stride, acc);
     for (int i = 0; i < ROWS; i++)
         for (int v = 0; v < VECTORS; v++) {
             int64_t at = h + v * WIDTH, count = hidden - at;
@@ -170,17 +179,7 @@ static inline __attribute__((always_inline)) void gradient_block(
         int ROWS, int VECTORS, const float *g, int64_t hidden, const float *wt, int64_t stride,
         float *out, int64_t n, int64_t c) {
     vec acc[BLOCK][2];
-    for (int i = 0; i < ROWS; i++)
-        for (int v = 0; v < VECTORS; v++) acc[i][v] = splat(0.0f);
-    for (int64_t h = 0; h < hidden; h++) {
-        vec w0 = load(wt + h * stride + c);
-        vec w1 = VECTORS > 1 ? load(wt + h * stride + c + WIDTH) : w0;
-        for (int i = 0; i < ROWS; i++) {
-            vec gi = splat(g[i * hidden + h]);
-            acc[i][0] = fused(gi, w0, acc[i][0]);
-            if (VECTORS > 1) acc[i][1] = fused(gi, w1, acc[i][1]);
-        }
-    }
+    accumulate(ROWS, VECTORS, g, hidden, 1, hidden, wt + c, stride, acc);
     for (int i = 0; i < ROWS; i++)
         for (int v = 0; v < VECTORS; v++) {
             int64_t at = c + v * WIDTH;
@@ -245,17 +244,7 @@ static inline __attribute__((always_inline)) void update_block(
         int COLUMNS, int VECTORS, const float *x, int64_t n, int64_t rows, const float *g,
         int64_t stride, float *w, int64_t hidden, int64_t h, float alpha) {
     vec acc[BLOCK][2];
-    for (int c = 0; c < COLUMNS; c++)
-        for (int v = 0; v < VECTORS; v++) acc[c][v] = splat(0.0f);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = g + r * stride + h;
-        vec g0 = load(row), g1 = VECTORS > 1 ? load(row + WIDTH) : g0;
-        for (int c = 0; c < COLUMNS; c++) {
-            vec xc = splat(x[r * n + c]);
-            acc[c][0] = fused(xc, g0, acc[c][0]);
-            if (VECTORS > 1) acc[c][1] = fused(xc, g1, acc[c][1]);
-        }
-    }
+    accumulate(COLUMNS, VECTORS, x, 1, n, rows, g + h, stride, acc);
     for (int c = 0; c < COLUMNS; c++)
         for (int v = 0; v < VECTORS; v++) {
             int64_t at = h + v * WIDTH, count = hidden - at;

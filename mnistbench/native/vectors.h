@@ -49,8 +49,8 @@ static inline void store_part(float *p, vec v, int64_t count) {
     }
 }
 
-/* a * b + c, fused into one rounding where the machine has FMA instructions. Only the
- * sigmoid uses it; everywhere else a product and a sum round separately. */
+/* a * b + c, fused into one rounding where the machine has FMA instructions. The band
+ * products and e^x use it. Everywhere else a product and a sum round separately. */
 static inline vec fused(vec a, vec b, vec c) {
 #if defined(__FMA__) && WIDTH == 8
     return (vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
