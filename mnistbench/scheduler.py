@@ -155,11 +155,12 @@ def key_runs(matrix: Matrix, dataset_md5: str, device: torch.device) -> list[tup
     """Return ``(cell, seed, run key)`` for every run of the matrix, in matrix order.
 
     On the CPU the key of a run with the convolution front records whether the
-    compiled kernels train it, so that a store never mixes runs trained both ways.
+    compiled kernels train it, and which build of them, so that a store never mixes
+    runs whose numbers differ.
     """
     kernels = None
     if device.type == "cpu" and any(cell.settings.conv for cell in matrix.cells()):
-        kernels = "native" if native.available() else "torch"
+        kernels = native.kernels_id()
     return [(cell, seed, run_key(cell.settings.to_dict(), seed, dataset_md5, device.type,
                                  kernels if cell.settings.conv else None))
             for cell, seed in matrix.runs()]

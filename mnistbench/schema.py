@@ -102,9 +102,10 @@ def run_key(settings: dict, seed: int, dataset_md5: str, device_type: str,
         seed: the seed index.
         dataset_md5: the dataset checksum (``Dataset.md5``).
         device_type: ``"cpu"`` or ``"cuda"``; the two do not give bit-identical numbers.
-        front_kernels: for a run with the convolution front on the CPU, ``"native"``
-            when the compiled kernels train it and ``"torch"`` when torch's operations
-            do. The two give different numbers. None leaves it out of the key.
+        front_kernels: for a run with the convolution front on the CPU, ``"native-"``
+            and the build hash of the compiled kernels that train it
+            (:func:`mnistbench.native.kernels_id`), or ``"torch"`` when torch's
+            operations do. Each gives different numbers. None leaves it out of the key.
     """
     payload = {
         "settings": settings,

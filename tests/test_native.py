@@ -122,7 +122,7 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.Mo
                                                 caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("CC", shutil.which("false"))
     monkeypatch.setenv("MNISTBENCH_DATA_DIR", str(tmp_path))
-    native._library.cache_clear()
+    native._loaded.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="mnistbench.native"):
             assert not native.available()
@@ -130,7 +130,7 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.Mo
         assert "uses torch's operations instead" in caplog.text
         assert "set MNISTBENCH_NATIVE=0" in caplog.text
     finally:
-        native._library.cache_clear()
+        native._loaded.cache_clear()
 
 
 @pytest.mark.parametrize("setting, expected", [
@@ -152,11 +152,11 @@ def test_native_switch_warns_on_other_values(monkeypatch: pytest.MonkeyPatch,
 
 def test_switched_off_kernels_are_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(native.NATIVE_ENV, "0")
-    native._library.cache_clear()
+    native._loaded.cache_clear()
     try:
         assert not native.available()
     finally:
-        native._library.cache_clear()
+        native._loaded.cache_clear()
 
 
 def _block(settings: Settings, order: torch.Tensor | None = None) -> Block:
@@ -288,6 +288,27 @@ def test_run_keys_tell_the_kernels_apart(monkeypatch: pytest.MonkeyPatch) -> Non
     on_gpu = key_runs(matrix, "md5", torch.device("cuda"))
     assert {key for _, _, key in on_gpu}.isdisjoint(key for _, _, key in without)
 
+
+
+@needs_compiler
+def test_run_keys_tell_kernel_builds_apart(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiler flags can change the kernels' numbers, so they change the run keys too."""
+    matrix = parse_matrix({"name": "keys", "seeds": 2, "factors": {"conv": [True]}})
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("MNISTBENCH_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", compiler)
+    native._loaded.cache_clear()
+    try:
+        plain = key_runs(matrix, "md5", torch.device("cpu"))
+        assert native.kernels_id().startswith("native-")
+        monkeypatch.setenv("CC", f"{compiler} -O1")
+        native._loaded.cache_clear()
+        flagged = key_runs(matrix, "md5", torch.device("cpu"))
+    finally:
+        native._loaded.cache_clear()
+    assert len(plain) == 2
+    for (_, _, key), (_, _, other) in zip(plain, flagged):
+        assert key != other
 
 def _band_case(hidden: int):
     """Two seeds of two runs whose batches of 11 examples have three bands and two, with

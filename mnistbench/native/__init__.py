@@ -26,6 +26,7 @@ import ctypes
 import logging
 from collections.abc import Sequence
 from functools import cache, lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,12 +70,29 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and available()
 
 
-@cache
+def kernels_id() -> str:
+    """Return what computes the front on the CPU, for run keys: ``native-`` and the
+    library's build hash (of the sources, the compiler, its flags and its version), or
+    ``torch``."""
+    if not available():
+        return "torch"
+    loaded = _loaded()
+    return "native" if loaded is None else "native-" + loaded[1].stem.removeprefix("kernels-")
+
+
 def _library() -> ctypes.CDLL | None:
+    loaded = _loaded()
+    return None if loaded is None else loaded[0]
+
+
+@cache
+def _loaded() -> tuple[ctypes.CDLL, Path] | None:
+    """Build and load the kernels once per process: the library and its path, or None."""
     if not enabled():
         return None
     try:
-        library = load(build())
+        path = build()
+        library = load(path)
     except BuildError as error:
         log.warning("%s. The convolution front uses torch's operations instead. Install "
                     "a C compiler or set $CC to use the compiled kernels, or set %s=0 to "
@@ -111,7 +129,7 @@ def _library() -> ctypes.CDLL | None:
     library.hidden_forward.restype = None
     library.hidden_forward.argtypes = [pointer, pointer, size, size, size, ctypes.c_int,
                                        pointer, size, pointer, pointer, pointer, pointer]
-    return library
+    return library, path
 
 
 def _band_arrays(packings: Sequence[Packing]) -> tuple[torch.Tensor, ...]:

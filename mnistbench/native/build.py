@@ -3,8 +3,8 @@
     path = build()      # in <cache>/native/, compiled once and checked on every load
     library = load(path)
 
-The library's name hashes the C sources, the compiler command, the flags and the
-machine's architecture. Beside it a ``.sha256`` file records the SHA-256 of the
+The library's name hashes the C sources, the compiler command, the flags, the
+compiler's version and the machine's architecture. Beside it a ``.sha256`` file records the SHA-256 of the
 library as built. A library whose checksum file is missing or does not match (a
 cut-off copy, a file written over) is built again, because loading a damaged shared
 library can crash the process instead of raising an error.
@@ -13,6 +13,7 @@ library can crash the process instead of raising an error.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -41,8 +42,8 @@ OFF = ("0", "false", "off", "no")
 ON = ("", "1", "true", "on", "yes")
 # No fused multiply-adds of the compiler's choosing: the backward kernel computes each
 # pooled pair again and must round as the forward kernel did, and the compiler could
-# fuse in one inlined copy of a formula and not in another. The kernels fuse only where
-# they say so (vectors.h), the same way in every copy.
+# fuse in one inlined copy of a formula and not in another. The kernels fuse only
+# through fused() in vectors.h, the same way in every copy.
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi")
 # Temporary files older than this are left over from a build that was killed.
 STALE_SECONDS = 3600
@@ -87,6 +88,27 @@ def compiler_command() -> list[str]:
     return [found]
 
 
+def build_hash(command: list[str]) -> str:
+    """Return the hash that names a library: 16 hex digits of the C sources, the compiler
+    command and the version it reports, and the machine's architecture. Each of them
+    can change the kernels' numbers."""
+    key = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key += " ".join(command + [platform.system(), platform.machine()]).encode()
+    key += _compiler_version(tuple(compiler_command())).encode()
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+@functools.cache
+def _compiler_version(compiler: tuple[str, ...]) -> str:
+    """Return what ``compiler --version`` prints, or nothing where it does not run."""
+    try:
+        result = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout
+
+
 def build(directory: Path | None = None) -> Path:
     """Compile the kernels into ``directory`` (default: the cache's ``native``) unless an
     intact build is there, and return the library's path.
@@ -95,10 +117,8 @@ def build(directory: Path | None = None) -> Path:
         BuildError: no C compiler was found, it failed, or its output does not load.
     """
     command = compiler_command() + list(FLAGS + vector_flags())
-    key = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    key += " ".join(command + [platform.system(), platform.machine()]).encode()
     directory = cache_dir() / "native" if directory is None else directory
-    target = directory / f"kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    target = directory / f"kernels-{build_hash(command)}.so"
     checksum = target.with_suffix(".sha256")
     if _intact(target, checksum):
         return target
