@@ -176,6 +176,11 @@ def baseline_summary(store: Store, ablation: str) -> dict[str, Any]:
     """Build the JSON summary of an ablation's finished runs (see the module docstring)."""
     record = store.ablation(ablation)
     cells, unfinished = read_cells(store, ablation)
+    if not cells:
+        raise CheckInputError(
+            f"ablation '{ablation}' in {store.path} has no finished runs, so its baseline "
+            f"would hold nothing to compare against; train it with 'mnistbench ablate' "
+            f"first")
     if unfinished:
         logger.warning("baseline of ablation %s leaves out %d cells without finished runs: %s",
                        ablation, len(unfinished), ", ".join(unfinished))

@@ -327,6 +327,27 @@ def test_cell_absent_from_baseline_is_explicit(good_store: Path, thresholds: Pat
     assert report.exit_code == 0
 
 
+
+def test_baseline_of_other_cells_rejected(good_store: Path, thresholds: Path,
+                                          tmp_path: Path) -> None:
+    """A baseline that shares no cell with the ablation would let every check pass."""
+    baseline = make_store(tmp_path / "base.sqlite", steady(0.95),
+                          {"name": "t", "seeds": 5, "factors": {"activation": ["tanh"]}})
+    with pytest.raises(CheckInputError, match=rf"baseline {re.escape(str(baseline))} has none "
+                                              rf"of the 2 cells of ablation 't', so it would "
+                                              rf"check nothing; save a baseline"):
+        run_check(good_store, thresholds, baseline_path=baseline)
+
+
+def test_baseline_of_unfinished_ablation_rejected(tmp_path: Path) -> None:
+    empty = make_store(tmp_path / "empty.sqlite", lambda cell, seed: None)
+    with Store(empty, create=False) as store:
+        with pytest.raises(CheckInputError, match=r"ablation 't' in .*empty\.sqlite has no "
+                                                  r"finished runs, so its baseline would hold "
+                                                  r"nothing"):
+            write_baseline(store, "t", tmp_path / "baseline.json")
+    assert not (tmp_path / "baseline.json").exists()
+
 def test_paired_regression_fails(good_store: Path, thresholds: Path, tmp_path: Path) -> None:
     current = make_store(tmp_path / "current.sqlite", lambda cell, seed: Planned(
         accuracy=0.85 + 0.003 * seed if cell.levels["activation"] == "relu"
