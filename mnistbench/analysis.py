@@ -37,7 +37,7 @@ from mnistbench.stats import (
 )
 from mnistbench.store import Store
 
-METRICS = ("accuracy", "converged", "collapsed")  # compared between levels
+METRICS = ("accuracy", "converged", "collapsed", "diverged")  # compared between levels
 POINTS = 100.0  # accuracy and rate differences are reported in points (percentage points)
 
 
@@ -266,13 +266,13 @@ def summarize_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.Da
 def metric_values(runs: pd.DataFrame, metric: str) -> pd.Series:
     """Return a run's value of a compared metric, in points.
 
-    ``accuracy`` is the final accuracy in percent (NaN when not finite). ``converged``
-    and ``collapsed`` are 100 for a run with that outcome and 0 otherwise, so their
-    means are rates in percent.
+    ``accuracy`` is the final accuracy in percent (NaN when not finite). ``converged``,
+    ``collapsed`` and ``diverged`` are 100 for a run with that outcome and 0 otherwise,
+    so their means are rates in percent.
     """
     if metric == "accuracy":
         return runs["final_accuracy"].astype(float) * POINTS
-    if metric in ("converged", "collapsed"):
+    if metric in ("converged", "collapsed", "diverged"):
         return runs[metric].astype(float) * POINTS
     raise ValueError(f"unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
 

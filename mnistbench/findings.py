@@ -56,8 +56,10 @@ FINDINGS_NOTE = (
 LEVEL_NAMES = {("pool", "true"): "max-pooling", ("conv", "true"): "the Conv1d(1,1,3) front"}
 # Factors whose level text names itself ("relu runs"); others read as "pool=true runs".
 SELF_NAMED_FACTORS = frozenset({"activation", "init", "loss", "optimizer", "precision"})
-RATE_VERBS = {"converged": "converge", "collapsed": "collapse to one class"}
-RATE_COLUMNS = {"converged": "convergence_rate", "collapsed": "collapse_rate"}
+RATE_VERBS = {"converged": "converge", "collapsed": "collapse to one class",
+              "diverged": "diverge"}
+RATE_COLUMNS = {"converged": "convergence_rate", "collapsed": "collapse_rate",
+                "diverged": "divergence_rate"}
 
 
 def describe_sample(row: dict) -> str:

@@ -262,6 +262,24 @@ def test_finding_without_effect_says_no_clear_difference(tmp_path):
                                    "accuracy (")
 
 
+
+def test_finding_reports_divergence(tmp_path):
+    """A learning rate that diverges is a finding of its own, not a lower collapse rate."""
+    matrix = {"name": "d", "seeds": 8, "factors": {"lr": [0.1, 50.0]}}
+
+    def plan(cell, seed):
+        if cell.settings.lr == 50.0 and seed < 6:
+            return Planned(diverged_at=1)
+        return Planned(accuracy=0.92 + noise(cell, seed))
+
+    with build_store(tmp_path / "s.sqlite", matrix, plan) as store:
+        analysis = analyze(store)
+    row = analysis.differences.query("metric == 'diverged'").iloc[0]
+    assert row["estimate"].value == pytest.approx(75.0)
+    texts = [f.text for f in write_findings(analysis) if f.metric == "diverged"]
+    assert len(texts) == 1
+    assert texts[0].startswith("lr=50.0 runs diverge in 75% [")
+
 def diverged_pair_plan(cell, seed: int) -> Planned:
     """Width 100 seed 0 diverges, so 1 of the 4 width pairs has no accuracy on one side."""
     if cell.settings.width == 100 and seed == 0:
