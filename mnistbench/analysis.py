@@ -256,6 +256,7 @@ def summarize_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.Da
     (without ``expected``).
     """
     records = []
+    metrics = [m for m in METRICS if m != "diverged" or bool(runs["diverged"].any())]
     for factor, levels in factors.items():
         for level in levels:
             group = runs[runs[factor] == level]
@@ -328,6 +329,9 @@ def compare_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.Data
     level is the treatment. Runs pair up when they share the seed and every other
     factor's level, so a pair differs in this factor only.
 
+    Divergence is compared only where some run diverged: elsewhere every row of it would
+    read 0 against 0.
+
     Returns:
         One row per factor, level pair and metric: ``factor``, ``treatment``,
         ``control``, ``metric`` (see :data:`METRICS`), ``estimate`` (Estimate in points),
@@ -335,6 +339,7 @@ def compare_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.Data
         :func:`compare`), ``treatment_runs``, ``control_runs`` (stored runs of each level).
     """
     records = []
+    metrics = [m for m in METRICS if m != "diverged" or bool(runs["diverged"].any())]
     for factor, levels in factors.items():
         keys = [other for other in factors if other != factor] + ["seed"]
         for control_level, treatment_level in itertools.combinations(levels, 2):
@@ -342,7 +347,7 @@ def compare_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.Data
             control = runs[runs[factor] == control_level]
             if treatment.empty or control.empty:
                 continue
-            for metric in METRICS:
+            for metric in metrics:
                 records.append({
                     "factor": factor, "treatment": treatment_level, "control": control_level,
                     "metric": metric, **compare(treatment, control, keys, metric),

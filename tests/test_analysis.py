@@ -280,6 +280,11 @@ def test_finding_reports_divergence(tmp_path):
     assert len(texts) == 1
     assert texts[0].startswith("lr=50.0 runs diverge in 75% [")
 
+
+def test_divergence_compared_only_where_runs_diverged(pool_analysis):
+    metrics = set(pool_analysis.differences["metric"])
+    assert metrics == {"accuracy", "converged", "collapsed"}
+
 def diverged_pair_plan(cell, seed: int) -> Planned:
     """Width 100 seed 0 diverges, so 1 of the 4 width pairs has no accuracy on one side."""
     if cell.settings.width == 100 and seed == 0:
