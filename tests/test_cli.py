@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mnistbench import idx
-from mnistbench.cli import Terminated, main, raise_terminated
+from mnistbench.cli import Terminated, counted, main, raise_terminated
 from mnistbench.cli import matrix as cli_matrix
 from mnistbench.cli.ablate import describe_seeds
 
@@ -230,3 +230,8 @@ def test_cell_table_lists_every_collapse_class(tmp_path: Path,
 ])
 def test_dry_run_seed_description(seeds: list[int], expected: str) -> None:
     assert describe_seeds(seeds) == expected
+
+
+@pytest.mark.parametrize("count, text", [(0, "0 runs"), (1, "1 run"), (2, "2 runs")])
+def test_counted_pluralizes(count: int, text: str) -> None:
+    assert counted(count, "run") == text

@@ -36,6 +36,11 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+def counted(count: int, noun: str) -> str:
+    """Return a count with its noun, plural unless the count is 1: "1 run", "3 runs"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def raise_terminated(signum: int, frame: object) -> None:
     """Raise Terminated; a signal handler for ``signal.signal``."""
     raise Terminated(signum)

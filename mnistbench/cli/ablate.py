@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mnistbench.cli import raise_terminated
+from mnistbench.cli import counted, raise_terminated
 from mnistbench.errors import MnistbenchError
 from mnistbench.settings import format_level
 
@@ -117,14 +117,15 @@ def run(args: argparse.Namespace) -> int:
 
     def on_plan(plan: Plan) -> None:
         finished = len(plan.assigned) - len(plan.pending) - plan.claimed_elsewhere
-        scope = f"{len(plan.keyed)} runs"
+        scope = counted(len(plan.keyed), "run")
         if plan.shard is not None:
             scope += f" ({len(plan.assigned)} in shard {plan.shard})"
         elsewhere = (f", {plan.claimed_elsewhere} being trained by another process"
                      if plan.claimed_elsewhere else "")
         print(f"ablation {matrix.name}: {scope}, {finished} already in "
-              f"{store_path}{elsewhere}, {len(plan.pending)} to train in {len(plan.stacks)} stacks "
-              f"on {plan.device} ({plan.workers} worker{'s' if plan.workers != 1 else ''})")
+              f"{store_path}{elsewhere}, {len(plan.pending)} to train in "
+              f"{counted(len(plan.stacks), 'stack')} on {plan.device} "
+              f"({counted(plan.workers, 'worker')})")
         bar.reset(total=len(plan.pending))
 
     def on_stack(results: list[RunResult]) -> None:
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
-    print(f"trained {summary.trained} runs in {elapsed:.1f} s "
+    print(f"trained {counted(summary.trained, 'run')} in {elapsed:.1f} s "
           f"({summary.crashed} crashed, {summary.claimed_elsewhere} left to another process)")
     with Store(store_path, readonly=True) as store:
         print_cell_table(store, matrix.name)
@@ -184,19 +185,22 @@ def _dry_run(matrix: Matrix, store_path: Path, args: argparse.Namespace,
         cluster.shutdown()
     cells = matrix.cells()
     scope = f" ({len(plan.assigned)} in shard {shard})" if shard is not None else ""
-    print(f"ablation {matrix.name}: {len(cells)} cells x {len(matrix.seeds)} seeds = "
-          f"{len(plan.keyed)} runs{scope}; {len(plan.assigned) - len(plan.pending)} already in "
+    print(f"ablation {matrix.name}: {counted(len(cells), 'cell')} x "
+          f"{counted(len(matrix.seeds), 'seed')} = {counted(len(plan.keyed), 'run')}{scope}; "
+          f"{len(plan.assigned) - len(plan.pending)} already in "
           f"{store_path}")
     if matrix.dataset in KNOWN_DATASETS and missing_from_cache(matrix.dataset, args.data_dir):
         print(f"dataset {matrix.dataset} is not in the cache "
               f"{dataset_dir(matrix.dataset, args.data_dir)}; ablate fetches it before training")
     epochs = sum(m.settings.epochs for m in plan.pending)
-    print(f"to train: {len(plan.pending)} runs, {epochs} model-epochs, in "
-          f"{len(plan.stacks)} stacks on {plan.device} with {workers} workers")
+    print(f"to train: {counted(len(plan.pending), 'run')}, "
+          f"{counted(epochs, 'model-epoch')}, in {counted(len(plan.stacks), 'stack')} on "
+          f"{plan.device} with {counted(workers, 'worker')}")
     for index, stack in enumerate(plan.stacks):
         settings = stack[0].settings
         seeds = describe_seeds(sorted({m.seed for m in stack}))
-        print(f"  stack {index:3d}: {len(stack):4d} runs, seeds {seeds}, "
+        print(f"  stack {index:3d}: {len(stack):4d} run{'' if len(stack) == 1 else 's'}, "
+              f"seeds {seeds}, "
               f"activation={settings.activation} conv={format_level(settings.conv)} "
               f"pool={format_level(settings.pool)} width={settings.width} "
               f"epochs={settings.epochs}")

@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from mnistbench.cli import counted
 from mnistbench.matrix import Cell, Matrix, Settings, apply_overrides, format_level, load_matrix
 from mnistbench.matrix_checks import TRAIN_SIZES
 
@@ -155,9 +156,11 @@ def _cost_lines(matrix: Matrix, cells: list[Cell], runs: int, train_size: int | 
     model_epochs = sum(cell.settings.epochs for cell in cells) * seeds
     if len(epochs) == 1:
         count = epochs.pop()
-        lines = [f"model-epochs: {model_epochs:,} ({runs} runs x {count} epoch{'s' if count > 1 else ''})"]
+        lines = [f"model-epochs: {model_epochs:,} ({counted(runs, 'run')} x "
+                 f"{counted(count, 'epoch')})"]
     else:
-        lines = [f"model-epochs: {model_epochs:,} (epochs summed over {runs} runs)"]
+        lines = [f"model-epochs: {model_epochs:,} (epochs summed over "
+                 f"{counted(runs, 'run')})"]
 
     examples = {cell.settings.train_subset or train_size for cell in cells}
     if None in examples:
