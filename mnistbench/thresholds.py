@@ -103,8 +103,14 @@ def load_thresholds(path: Path) -> Thresholds:
     except FileNotFoundError:
         raise CheckInputError(f"thresholds file not found: {path}; ablations/thresholds.yaml "
                               f"is an example") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckInputError(f"cannot read thresholds file {path}: {error}") from None
+    except IsADirectoryError:
+        raise CheckInputError(f"thresholds file {path} is a directory; expected a YAML file "
+                              f"such as ablations/thresholds.yaml") from None
+    except OSError as error:
+        raise CheckInputError(f"cannot read thresholds file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise CheckInputError(f"cannot read thresholds file {path}: {error}; expected UTF-8 "
+                              f"text") from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader subclass
     except yaml.YAMLError as error:

@@ -293,6 +293,20 @@ def test_missing_thresholds_file_rejected(good_store: Path, tmp_path: Path) -> N
         run_check(good_store, tmp_path / "absent.yaml")
 
 
+
+def test_thresholds_directory_rejected(good_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckInputError, match=rf"^thresholds file {re.escape(str(tmp_path))} "
+                                              r"is a directory; expected a YAML file"):
+        run_check(good_store, tmp_path)
+
+
+def test_undecodable_thresholds_rejected(good_store: Path, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"rules: [\xe9]")
+    with pytest.raises(CheckInputError, match=r"cannot read thresholds file .*latin1\.yaml: "
+                                              r".*; expected UTF-8 text"):
+        run_check(good_store, path)
+
 def test_unknown_ablation_rejected(good_store: Path, tmp_path: Path) -> None:
     path = write(tmp_path / "t.yaml", "ablation: smoke\n" + THRESHOLDS)
     with pytest.raises(StoreError, match=r"ablation 'smoke' not found in store .*; stored "
