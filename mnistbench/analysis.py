@@ -256,7 +256,6 @@ def summarize_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.Da
     (without ``expected``).
     """
     records = []
-    metrics = [m for m in METRICS if m != "diverged" or bool(runs["diverged"].any())]
     for factor, levels in factors.items():
         for level in levels:
             group = runs[runs[factor] == level]

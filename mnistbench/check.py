@@ -152,10 +152,16 @@ def run_check(store_path: Path, thresholds_path: Path, *, baseline_path: Path | 
                 f"baseline {baseline_path} was trained on dataset {baseline.dataset!r}, but "
                 f"ablation '{name}' in {store_path} on {record['dataset']!r}; compare runs "
                 f"of one dataset")
+        if not baseline.cells:
+            raise CheckInputError(
+                f"baseline {baseline_path} has no finished runs, so it would check nothing; "
+                f"give a baseline whose ablation has finished runs")
         if not set(baseline.cells) & {cell.cell_id for cell in cells}:
             raise CheckInputError(
                 f"baseline {baseline_path} has none of the {len(cells)} cells of ablation "
-                f"'{name}', so it would check nothing; save a baseline of this ablation "
+                f"'{name}', so it would check nothing (its cells start "
+                f"{sorted(baseline.cells)[0]}, the ablation's {cells[0].cell_id}; a cell id "
+                f"lists the factors in the matrix's order); save a baseline of this ablation "
                 f"with 'mnistbench baseline save'")
         _warn_about_mismatch(baseline, name, cells)
 

@@ -249,9 +249,11 @@ def _check_same_ablation(name: str, first: StoreContents, other: StoreContents) 
         raise StoreError(
             f"ablation '{name}' has {len(other_members - first_members)} runs in {other.path} "
             f"that {first.path} lacks, and {len(first_members - other_members)} the other way; "
-            f"run keys include the dataset MD5 and the device type, so the stores were keyed "
-            f"for other data or another device type (cpu or cuda); merge only stores "
-            f"trained on one dataset and one device type")
+            f"run keys include the dataset MD5, the device type and, for convolution runs "
+            f"on the CPU, the build of the compiled kernels, so the stores were keyed for "
+            f"other data, another device type (cpu or cuda) or kernels built by another "
+            f"compiler, flags or sources; merge only stores trained on one dataset and one "
+            f"device type, with one $CC and one version of mnistbench")
 
 
 def _first_difference(first: object, other: object, path: str = "") -> tuple[str, object,

@@ -262,8 +262,8 @@ def differences_table(analysis: Analysis) -> dict:
         rows.append([row["factor"], row["treatment"], row["control"], row["metric"],
                      format_points(row["estimate"]), runs, row["estimate"].method])
     methods = ["difference: treatment minus control; accuracy in percentage points, "
-               "converged and collapsed as differences of rates in percentage points; runs "
-               "pair up when they share the seed and every other factor's level"]
+               "converged, collapsed and diverged as differences of rates in percentage "
+               "points; runs pair up when they share the seed and every other factor's level"]
     return {"title": "Level differences", "header": header, "rows": rows, "methods": methods}
 
 

@@ -349,8 +349,18 @@ def test_baseline_of_other_cells_rejected(good_store: Path, thresholds: Path,
                           {"name": "t", "seeds": 5, "factors": {"activation": ["tanh"]}})
     with pytest.raises(CheckInputError, match=rf"baseline {re.escape(str(baseline))} has none "
                                               rf"of the 2 cells of ablation 't', so it would "
-                                              rf"check nothing; save a baseline"):
+                                              rf"check nothing \(its cells start "
+                                              rf"activation=tanh, the ablation's "
+                                              rf"activation=relu; .*\); save a baseline"):
         run_check(good_store, thresholds, baseline_path=baseline)
+
+
+def test_baseline_without_finished_runs_rejected(good_store: Path, thresholds: Path,
+                                                 tmp_path: Path) -> None:
+    empty = make_store(tmp_path / "empty.sqlite", lambda cell, seed: None)
+    with pytest.raises(CheckInputError, match=r"baseline .*empty\.sqlite has no finished runs, "
+                                              r"so it would check nothing"):
+        run_check(good_store, thresholds, baseline_path=empty)
 
 
 def test_baseline_of_unfinished_ablation_rejected(tmp_path: Path) -> None:

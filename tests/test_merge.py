@@ -323,7 +323,9 @@ def test_other_run_keys_rejected(halves: tuple[Path, Path], tmp_path: Path) -> N
     execute(first, "UPDATE epochs SET run_key = '0' || substr(run_key, 2)")
     with pytest.raises(StoreError, match=r"^ablation 't' has 8 runs in \S+b\.sqlite that "
                                          r"\S+a\.sqlite lacks, and 8 the other way; run keys "
-                                         r"include the dataset MD5 and the device type"):
+                                         r"include the dataset MD5, the device type and, "
+                                         r"for convolution runs on the CPU, the build of the "
+                                         r"compiled kernels.*with one \$CC"):
         merge_stores(tmp_path / "out.sqlite", [first, second])
 
 
