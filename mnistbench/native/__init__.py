@@ -4,9 +4,9 @@ operations as the fallback.
 In torch's operations, the front's element-wise work took a dozen operations per
 seed and band, each a pass over memory or a Python call: three taps, a bias, a
 max-pool and the gradient sums of four parameters. So did the first layer's constant
-windows and its products over the bands, and the hidden layer's bias, activation and dropout took
-four passes. ``front.c``, ``tails.c``, ``bands.c`` and ``hidden.c`` do each in one call
-per step.
+windows and its products over the bands. The hidden layer's bias, activation and
+dropout took four passes. ``front.c``, ``tails.c``, ``bands.c`` and ``hidden.c`` do
+each in one call per step.
 :mod:`mnistbench.native.build` compiles them with the system's C compiler on first use
 and caches the library, so every worker process loads the same one.
 
