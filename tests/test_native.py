@@ -122,6 +122,7 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.Mo
                                                 caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("CC", shutil.which("false"))
     monkeypatch.setenv("MNISTBENCH_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv(native.NATIVE_ENV, "")  # restored after the test
     native._loaded.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="mnistbench.native"):
@@ -129,6 +130,8 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.Mo
         assert "failed to build the native kernels" in caplog.text
         assert "uses torch's operations instead" in caplog.text
         assert "set MNISTBENCH_NATIVE=0" in caplog.text
+        # Worker processes started from here skip the build, as the run keys say.
+        assert os.environ[native.NATIVE_ENV] == "0"
     finally:
         native._loaded.cache_clear()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections.abc import Sequence
 from functools import cache, lru_cache
 from pathlib import Path
@@ -97,6 +98,9 @@ def _loaded() -> tuple[ctypes.CDLL, Path] | None:
         log.warning("%s. The convolution front uses torch's operations instead. Install "
                     "a C compiler or set $CC to use the compiled kernels, or set %s=0 to "
                     "turn them off without this warning", error, NATIVE_ENV)
+        # The worker processes that this one starts then use torch's operations too, as
+        # the run keys computed here say, without building and warning again.
+        os.environ[NATIVE_ENV] = "0"
         return None
     for name in ("front_forward", "front_sums"):
         getattr(library, name).restype = ctypes.c_int
