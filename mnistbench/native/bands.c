@@ -238,8 +238,8 @@ int bands_input_gradient(const float *grad, const float *weight, int64_t windows
     return 0;
 }
 
-/* w rows c0.. += alpha * (x columns c0..)^T @ g, for COLUMNS windows and VECTORS vectors of
- * units from unit h; x is (rows, n), g padded (rows, stride), w (n, hidden). */
+/* w rows c0.. += alpha * (x columns c0..)^T @ g, for COLUMNS windows and VECTORS
+ * vectors of units from unit h. x is (rows, n), g padded (rows, stride), w (n, hidden). */
 static inline __attribute__((always_inline)) void update_block(
         int COLUMNS, int VECTORS, const float *x, int64_t n, int64_t rows, const float *g,
         int64_t stride, float *w, int64_t hidden, int64_t h, float alpha) {
@@ -289,11 +289,13 @@ int bands_weight_gradient(const float *packed, int64_t stride, const float *grad
     if (g == NULL) return -1;
     for (int64_t m = 0; m < seeds * variants; m++) {
         int64_t s = m / variants;
+        /* Every band reads rows of the same gradient, so it is padded once per member. */
+        pad_rows(g, grad + m * batch * hidden, batch, hidden, width);
         for (int64_t k = 0; k < band_counts[s]; k++) {
             Band band = band_of(&layout, s, k);
-            pad_rows(g, grad + (m * batch + band.first) * hidden, band.rows, hidden, width);
-            update_band(packed + m * stride + band.offset, g, width, band.count, band.rows,
-                        out + (m * windows + band.start) * hidden, hidden, alpha);
+            update_band(packed + m * stride + band.offset, g + band.first * width, width,
+                        band.count, band.rows, out + (m * windows + band.start) * hidden,
+                        hidden, alpha);
         }
     }
     free(g);
