@@ -328,8 +328,8 @@ def compare_levels(runs: pd.DataFrame, factors: dict[str, list[str]]) -> pd.Data
     level is the treatment. Runs pair up when they share the seed and every other
     factor's level, so a pair differs in this factor only.
 
-    Divergence is compared only where some run diverged: elsewhere every row of it would
-    read 0 against 0.
+    Divergence is compared only where some run diverged, because elsewhere every row of
+    it would read 0 against 0.
 
     Returns:
         One row per factor, level pair and metric: ``factor``, ``treatment``,

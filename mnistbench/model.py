@@ -291,7 +291,8 @@ class Block:
                      self._logits(dropped))
 
     def _logits(self, dropped: torch.Tensor) -> torch.Tensor:
-        """The output layer: ``(M, B, 10)`` from the hidden units after dropout."""
+        """Compute the output layer's logits ``(M, B, 10)`` from the hidden units after
+        dropout."""
         # (W2^T @ h^T)^T: with 10 output rows the matmul runs about 3x faster than h @ W2.
         logits = self.matmul(self.params["weight2"].transpose(1, 2), dropped.transpose(1, 2))
         return logits.transpose(1, 2).add_(self.params["bias2"][:, None])

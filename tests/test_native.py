@@ -130,7 +130,7 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch: pytest.Mo
         assert "failed to build the native kernels" in caplog.text
         assert "uses torch's operations instead" in caplog.text
         assert "set MNISTBENCH_NATIVE=0" in caplog.text
-        # Worker processes started from here skip the build, as the run keys say.
+        # Worker processes started from here skip the build, matching the run keys.
         assert os.environ[native.NATIVE_ENV] == "0"
     finally:
         native._loaded.cache_clear()
@@ -367,7 +367,7 @@ def test_band_kernels_match_torch_products(hidden: int) -> None:
 
 
 @needs_compiler
-def test_band_kernels_give_a_run_the_same_bits_alone() -> None:
+def test_band_kernels_stack_equals_alone() -> None:
     packings, variants, packed, weight, grad = _band_case(13)
     m = 3  # seed 1, run 1
     alone = ([packings[1]], slice(m, m + 1))
@@ -400,10 +400,10 @@ def test_hidden_kernel_matches_torch(activation: str) -> None:
     uniform = torch.rand(seeds, batch, hidden, generator=generator)
     drop = torch.tensor([0.0, 0.5, 0.2] * seeds)
     expected = getattr(torch, activation)(pre + bias[:, None])
-    keep = (uniform.repeat_interleave(variants, dim=0) >= drop[:, None, None]).float()
-    keep *= 1.0 / (1.0 - drop[:, None, None])
+    expected_keep = (uniform.repeat_interleave(variants, dim=0) >= drop[:, None, None]).float()
+    expected_keep *= 1.0 / (1.0 - drop[:, None, None])
 
-    hidden_units, kept, dropped = native.hidden_forward(pre.clone(), bias, activation,
+    hidden_units, keep, dropped = native.hidden_forward(pre.clone(), bias, activation,
                                                         uniform, drop)
     if activation == "relu":
         assert torch.equal(hidden_units.nan_to_num(-1.0), expected.nan_to_num(-1.0))
@@ -413,7 +413,7 @@ def test_hidden_kernel_matches_torch(activation: str) -> None:
     assert hidden_units[0, 0, 0].isnan()
     assert hidden_units[0, 0, 1] == (float("inf") if activation == "relu" else 1.0)
     assert 0.0 <= hidden_units[0, 0, 2] < 1e-37  # a sigmoid below -87 is not quite 0
-    assert torch.equal(kept, keep)
+    assert torch.equal(keep, expected_keep)
     assert torch.equal(dropped.nan_to_num(-1.0), (hidden_units * keep).nan_to_num(-1.0))
 
     without = native.hidden_forward(pre.clone(), bias, activation, None, drop)

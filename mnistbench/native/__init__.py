@@ -98,8 +98,8 @@ def _loaded() -> tuple[ctypes.CDLL, Path] | None:
         log.warning("%s. The convolution front uses torch's operations instead. Install "
                     "a C compiler or set $CC to use the compiled kernels, or set %s=0 to "
                     "turn them off without this warning", error, NATIVE_ENV)
-        # The worker processes that this one starts then use torch's operations too, as
-        # the run keys computed here say, without building and warning again.
+        # Worker processes started from here then use torch's operations too, matching
+        # the run keys computed here, and neither build nor warn again.
         os.environ[NATIVE_ENV] = "0"
         return None
     for name in ("front_forward", "front_sums"):

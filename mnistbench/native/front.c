@@ -14,7 +14,7 @@
  * Neither the other members of the stack nor the padded row length changes them, so
  * a run gives the same bits alone and stacked. Every value is computed in vectors: a
  * row's last values are padded with zeros to a whole vector. Build with
- * -ffp-contract=off, so that the compiler fuses no multiply and add; only the
+ * -ffp-contract=off, so that the compiler fuses no multiply and add. Only the
  * sigmoid's e^x fuses them, explicitly.
  */
 
@@ -167,8 +167,8 @@ static void forward_row_of(Taps t, const float *p, int64_t n, int mode, int acti
                            float *a, float *d) {
     switch (mode * 4 + activation) {
     case MODE_PLAIN * 4 + ACT_RELU: FORWARD_ROW(MODE_PLAIN, ACT_RELU); break;
-    case MODE_MAX * 4 + ACT_NONE: FORWARD_ROW(MODE_MAX, ACT_NONE); break;
     case MODE_PLAIN * 4 + ACT_SIGMOID: FORWARD_ROW(MODE_PLAIN, ACT_SIGMOID); break;
+    case MODE_MAX * 4 + ACT_NONE: FORWARD_ROW(MODE_MAX, ACT_NONE); break;
     case MODE_MAX * 4 + ACT_RELU: FORWARD_ROW(MODE_MAX, ACT_RELU); break;
     case MODE_MAX * 4 + ACT_SIGMOID: FORWARD_ROW(MODE_MAX, ACT_SIGMOID); break;
     case MODE_PAIR * 4 + ACT_NONE: FORWARD_ROW(MODE_PAIR, ACT_NONE); break;

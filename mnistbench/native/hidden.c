@@ -43,7 +43,7 @@ static inline __attribute__((always_inline)) void hidden_row(
                   x + whole, k ? k + whole : NULL, d ? d + whole : NULL, rest);
 }
 
-/* hidden_row compiled once for each activation, so that no loop branches on it. */
+/* Run hidden_row, compiled once for each activation so that no loop branches on it. */
 static void hidden_row_of(int activation, float *x, const float *c, const float *u, vec p,
                           vec scale, float *k, float *d, int64_t hidden) {
     switch (activation) {

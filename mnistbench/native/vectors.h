@@ -59,7 +59,7 @@ static inline vec fused(vec a, vec b, vec c) {
 #endif
 }
 
-/* x limited to [low, high]; NaN stays NaN. */
+/* Return x limited to [low, high], with NaN kept as NaN. */
 static inline vec clamp(vec x, float low, float high) {
 #if defined(__AVX__) && WIDTH == 8
     /* Where an operand is NaN, vminps and vmaxps return their second one. */
@@ -71,8 +71,8 @@ static inline vec clamp(vec x, float low, float high) {
 #endif
 }
 
-/* e^x for x in [-87, 88] (clamped there; NaN stays NaN), within 1.2e-7 of the exact
- * value relative to it. x = n ln 2 + r with integer n and |r| <= ln(2) / 2, so
+/* Return e^x for x in [-87, 88], clamped there, with NaN kept as NaN. It is within
+ * 1.2e-7 of the exact value relative to it. x = n ln 2 + r with integer n and |r| <= ln(2) / 2, so
  * e^x = 2^n e^r. The polynomial for e^r was fitted to it on that interval, to a
  * relative error of 2e-8: a weighted least-squares fit, its weights raised where the
  * error peaked. */
@@ -97,7 +97,7 @@ static inline vec exp_of(vec x) {
 }
 
 /* The activations that the kernels apply themselves. ReLU is exact as torch computes
- * it; the sigmoid is 1 / (1 + e^-x), within 2e-7 of the exact value relative to it.
+ * it. The sigmoid is 1 / (1 + e^-x), within 2e-7 of the exact value relative to it.
  * Both keep NaN. */
 static inline vec activate(int activation, vec x) {
     if (activation == ACT_RELU) return blend((x > 0.0f) | (x != x), x, splat(0.0f));
